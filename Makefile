@@ -1,0 +1,35 @@
+# leanvm: `make run` boots the bundled demo guest, `make test` runs the whole suite.
+# Both install what is missing first (system packages via apt, Python packages in .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast bench demo-guest clean
+
+$(STAMP): pyproject.toml scripts/install-deps
+	PYTHON=$(PYTHON) scripts/install-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/leanvm run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	scripts/install-deps bench
+	$(PY) bench/exit_cost.py
+	$(PY) bench/startup.py
+
+# Rebuild the bundled demo guest from tests/guests/programs/demo.c.
+demo-guest: $(STAMP)
+	$(PY) tests/guests/build.py demo --out src/leanvm/data/demo.bin
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""C structures and constants of the interfaces leanvm speaks (ctypes only, no logic)."""

@@ -1,0 +1,45 @@
+"""The summary `leanvm run` prints when the guest stops."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from leanvm.machine.machine import Machine, RunResult
+
+
+def human(size: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+    return f"{size}B"
+
+
+def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    console.print(f"[bold]leanvm:[/bold] guest stopped: {result.reason.value}: {result.detail}")
+    console.print(f"  first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
+                  "process start")
+    console.print(f"  stopped                 {result.to_stop_ms:8.1f} ms after process start")
+    pio, mmio = machine.platform.pio, machine.platform.mmio
+    console.print(f"  vCPU exits {result.exits}: port I/O {pio.accesses} "
+                  f"({pio.unclaimed_reads + pio.unclaimed_writes} unclaimed), "
+                  f"MMIO {mmio.accesses} ({mmio.unclaimed_reads + mmio.unclaimed_writes} unclaimed)")
+    table = Table(title=None, box=None, pad_edge=False, show_edge=False)
+    for column in ("region", "guest address", "size", "resident", "private"):
+        table.add_column(column, justify="left" if column in ("region", "guest address") else "right")
+    regions = {r.name: r for r in machine.memory.regions}
+    total_resident = total_private = 0
+    for item in machine.residency():
+        region = regions[item.name]
+        table.add_row(item.name, f"{region.base:#x}-{region.end - 1:#x}", human(item.size),
+                      human(item.resident), human(item.private))
+        total_resident += item.resident
+        total_private += item.private
+    table.add_row("total", "", human(machine.memory.ram_size), human(total_resident),
+                  human(total_private))
+    console.print("  host memory by region:")
+    console.print(table)

@@ -1,0 +1,31 @@
+"""`leanvm version`: leanvm's version and what this host's KVM offers."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("version", help="print the version and the host's KVM capabilities")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from leanvm import __version__
+    from leanvm.abi import kvm as abi
+    from leanvm.errors import KvmError
+    from leanvm.kvm.system import Kvm
+
+    print(f"leanvm {__version__} (Python {sys.version.split()[0]}, Linux {platform.release()})")
+    try:
+        with Kvm() as kvm:
+            caps = {name[8:]: kvm.check_extension(getattr(abi, name))
+                    for name in dir(abi) if name.startswith("KVM_CAP_")}
+            print(f"KVM API {kvm.api_version}; memslots {caps['NR_MEMSLOTS']}, "
+                  f"recommended vCPUs {caps['NR_VCPUS']}, max vCPUs {caps['MAX_VCPUS']}")
+            print("capabilities: " + " ".join(sorted(name for name, value in caps.items() if value)))
+    except KvmError as exc:
+        print(f"KVM: not usable here ({exc})")
+    return 0

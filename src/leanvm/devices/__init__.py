@@ -1,0 +1,1 @@
+"""Device models. Each sees only offsets within its own range and never imports kvm/."""

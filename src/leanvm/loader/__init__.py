@@ -1,0 +1,1 @@
+"""Guest image loaders: bare test programs now; bzImage, PVH and initrd later."""

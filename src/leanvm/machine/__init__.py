@@ -1,0 +1,1 @@
+"""The only layer that knows everything: config, builder, vCPU loop, Machine."""

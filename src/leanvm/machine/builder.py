@@ -1,0 +1,75 @@
+"""Wiring: guest memory and memslots, platform devices on their buses. Every object is
+created and connected here by hand; nothing registers itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from leanvm.devices.bus import Bus
+from leanvm.devices.debug_exit import DebugExit
+from leanvm.devices.i8042 import I8042
+from leanvm.devices.serial import Serial16550
+from leanvm.kvm.vm import Vm
+from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
+from leanvm.memory.host import map_anonymous
+
+GiB = 1 << 30
+LOW_RAM_LIMIT = 3 * GiB  # RAM below the 32-bit MMIO hole
+HIGH_RAM_BASE = 4 * GiB
+IDENTITY_MAP_ADDRESS = 0xFEFFC000  # one page the host uses for real-mode paging (Intel)
+TSS_ADDRESS = 0xFEFFD000  # three pages for the host's real-mode TSS (Intel)
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_PORT = 0x60
+DEBUG_EXIT_PORT = 0xF4
+
+
+def build_ram(memory_size: int) -> GuestMemory:
+    """Low RAM from 0 up to 3 GiB, the rest from 4 GiB."""
+    memory = GuestMemory()
+    low = min(memory_size, LOW_RAM_LIMIT)
+    memory.add(GuestRegion("ram-low", 0, map_anonymous(low), RegionKind.RAM))
+    if memory_size > low:
+        memory.add(GuestRegion("ram-high", HIGH_RAM_BASE, map_anonymous(memory_size - low),
+                               RegionKind.RAM))
+    return memory
+
+
+class Memslots:
+    """Assigns KVM memslot numbers to guest regions."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.next_slot = 0
+        self.slots: dict[str, int] = {}
+
+    def add(self, region: GuestRegion) -> int:
+        slot = self.next_slot
+        self.next_slot += 1
+        self.vm.set_memory_region(slot, region.base, region.size, region.mapping.address,
+                                  readonly=region.readonly)
+        self.slots[region.name] = slot
+        return slot
+
+
+@dataclass(slots=True)
+class Platform:
+    pio: Bus
+    mmio: Bus
+    serial: Serial16550
+    i8042: I8042
+    debug_exit: DebugExit
+
+
+def build_platform(output: Callable[[bytes], None], irq_line: Callable[[int, bool], None],
+                   on_reset: Callable[[], None], on_exit: Callable[[int], None]) -> Platform:
+    pio = Bus("pio", 0x10000)
+    mmio = Bus("mmio", 1 << 52)
+    serial = Serial16550(output, lambda level: irq_line(COM1_IRQ, level))
+    i8042 = I8042(on_reset)
+    debug_exit = DebugExit(on_exit)
+    pio.register(COM1_PORT, 8, serial, "com1")
+    pio.register(I8042_PORT, 5, i8042, "i8042")
+    pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
+    return Platform(pio, mmio, serial, i8042, debug_exit)

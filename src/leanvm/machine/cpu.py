@@ -1,0 +1,39 @@
+"""Putting a vCPU into the state a bare guest expects (64-bit long mode, CPL 0)."""
+
+from __future__ import annotations
+
+from leanvm.abi import kvm as abi
+from leanvm.kvm.cpuid import CpuidTable
+from leanvm.kvm.vcpu import Vcpu
+from leanvm.loader.bare import BootState
+
+FCW_DEFAULT = 0x37F  # x87 control word after FNINIT
+MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
+
+
+def setup_long_mode(vcpu: Vcpu, state: BootState, cpuid: CpuidTable) -> None:
+    vcpu.set_cpuid(cpuid)
+    sregs = vcpu.get_sregs()
+    code = abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=state.code_selector, type=0xB,
+                           present=1, dpl=0, db=0, s=1, l=1, g=1)
+    data = abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=state.data_selector, type=0x3,
+                           present=1, dpl=0, db=1, s=1, l=0, g=1)
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.gdt.base, sregs.gdt.limit = state.gdt_base, state.gdt_limit
+    sregs.cr3 = state.cr3
+    sregs.cr4 = abi.X86_CR4_PAE | abi.X86_CR4_OSFXSR | abi.X86_CR4_OSXMMEXCPT
+    sregs.cr0 = (abi.X86_CR0_PE | abi.X86_CR0_MP | abi.X86_CR0_ET | abi.X86_CR0_NE
+                 | abi.X86_CR0_WP | abi.X86_CR0_AM | abi.X86_CR0_PG)
+    sregs.efer = abi.EFER_LME | abi.EFER_LMA | abi.EFER_SCE | (abi.EFER_NX if cpuid.has("nx") else 0)
+    vcpu.set_sregs(sregs)
+
+    regs = abi.kvm_regs()
+    regs.rip, regs.rsp, regs.rbp = state.rip, state.rsp, 0
+    regs.rdi, regs.rsi, regs.rdx = state.rdi, state.rsi, state.rdx
+    regs.rflags = 0x2  # reserved bit 1 set; interrupts off
+    vcpu.set_regs(regs)
+
+    fpu = vcpu.get_fpu()
+    fpu.fcw, fpu.mxcsr = FCW_DEFAULT, MXCSR_DEFAULT
+    vcpu.set_fpu(fpu)

@@ -1,0 +1,316 @@
+"""Machine: one VM built from a MachineConfig, run until the guest stops it.
+
+    with Machine(MachineConfig(memory="64M", guest="hello.bin")) as vm:
+        result = vm.run(timeout=10)
+        print(result.reason, vm.console.decode())
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from leanvm.devices.bus import Bus, BusDevice
+from leanvm.errors import ConfigError, LeanvmError
+from leanvm.machine.builder import (IDENTITY_MAP_ADDRESS, TSS_ADDRESS, Memslots, Platform,
+                                    build_platform, build_ram)
+from leanvm.machine.config import MachineConfig
+from leanvm.machine.timing import process_start_ns
+from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
+from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
+from leanvm.memory.host import HostMapping
+from leanvm.memory.residency import Residency, measure
+
+CONSOLE_KEEP = 1 << 20  # bytes of serial output kept in memory for Machine.console
+KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
+
+
+def demo_guest_path() -> Path:
+    """The bundled demo guest (prints a greeting, then resets)."""
+    return Path(str(resources.files("leanvm") / "data" / "demo.bin"))
+
+
+class RunState(Enum):
+    CREATED = "created"  # configured, nothing allocated
+    READY = "ready"  # built: memory, devices, vCPU in place; not started
+    RUNNING = "running"
+    STOPPED = "stopped"  # the guest stopped; memory can still be inspected
+    CLOSED = "closed"  # all resources released
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    reason: StopReason
+    detail: str
+    status: int | None  # the guest's exit status (GUEST_EXIT only)
+    exits: int  # vCPU exits handled
+    rip: int | None  # where the vCPU stopped, when known
+    process_start_ns: int
+    first_entry_ns: int  # just before the first KVM_RUN
+    stopped_ns: int
+
+    @property
+    def to_first_instruction_ms(self) -> float:
+        return (self.first_entry_ns - self.process_start_ns) / 1e6
+
+    @property
+    def to_stop_ms(self) -> float:
+        return (self.stopped_ns - self.process_start_ns) / 1e6
+
+    @property
+    def exit_code(self) -> int:
+        """Process exit code for the CLI: 0 for a reset, the guest's status for its exit port."""
+        if self.reason is StopReason.RESET:
+            return 0
+        if self.reason is StopReason.GUEST_EXIT:
+            return (self.status or 0) & 0xFF
+        if self.reason is StopReason.TIMEOUT:
+            return 124
+        if self.reason is StopReason.INTERRUPTED:
+            return 130
+        return 3
+
+
+class Machine:
+    """One VM. Build happens on first use (``build()``, ``run()`` or ``with``)."""
+
+    def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = MachineConfig(**overrides)
+        elif overrides:
+            raise ConfigError("pass either a MachineConfig or keyword settings, not both")
+        self.config = config
+        self.state = RunState.CREATED
+        self.process_start_ns = process_start_ns()
+        self._console = bytearray()
+        self._control = LoopControl()
+        self._closables: list[Any] = []
+        self._output: BinaryIO | None = None
+        self._extra_mappings: list[HostMapping] = []
+        self.result: RunResult | None = None
+        self._vcpu_thread: int | None = None
+
+    # --- building --------------------------------------------------------------------
+    def build(self) -> "Machine":
+        if self.state is not RunState.CREATED:
+            return self
+        from leanvm.kvm.system import Kvm
+        from leanvm.loader.bare import load_bare
+        from leanvm.loader.image import load_image
+        from leanvm.machine.cpu import setup_long_mode
+
+        config = self.config
+        image = load_image(config.guest or demo_guest_path())  # fail early on a bad file
+        self.kvm = Kvm(config.kvm_path)
+        self._closables.append(self.kvm)
+        self.vm = self.kvm.create_vm()
+        self._closables.insert(0, self.vm)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        self.vm.set_tss_addr(TSS_ADDRESS)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+        self.memory: GuestMemory = build_ram(config.memory)
+        self.memslots = Memslots(self.vm)
+        for region in self.memory.regions:
+            self.memslots.add(region)
+
+        self.platform: Platform = build_platform(self._serial_output, self.vm.irq_line,
+                                                 self._on_reset, self._on_guest_exit)
+        self.vcpu = self.vm.create_vcpu(0)
+        boot = load_bare(self.memory, image, config.args)
+        cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
+        setup_long_mode(self.vcpu, boot, cpuid)
+        self.image = image
+        self.state = RunState.READY
+        return self
+
+    @property
+    def pio_bus(self) -> Bus:
+        return self.build().platform.pio
+
+    @property
+    def mmio_bus(self) -> Bus:
+        return self.build().platform.mmio
+
+    def add_mmio_device(self, base: int, size: int, device: BusDevice, name: str) -> None:
+        self.mmio_bus.register(base, size, device, name)
+
+    def add_pio_device(self, base: int, size: int, device: BusDevice, name: str) -> None:
+        self.pio_bus.register(base, size, device, name)
+
+    def add_region(self, name: str, base: int, mapping: HostMapping, *,
+                   readonly: bool = False) -> GuestRegion:
+        """Map host memory into the guest (readonly: guest writes arrive as MMIO writes)."""
+        self.build()
+        kind = RegionKind.ROM if readonly else RegionKind.FILE if mapping.path else RegionKind.RAM
+        region = self.memory.add(GuestRegion(name, base, mapping, kind, readonly=readonly))
+        self.memslots.add(region)
+        return region
+
+    # --- running ---------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run the vCPU on this thread until the guest stops the VM (or ``timeout`` s pass)."""
+        self.build()
+        if self.state is not RunState.READY:
+            raise LeanvmError(f"machine cannot run from state {self.state.value}")
+        self._open_serial()
+        _install_kick_handler()
+        self._vcpu_thread = threading.get_ident()
+        timer = self._arm_timeout(timeout) if timeout else None
+        self.state = RunState.RUNNING
+        first_entry = time.monotonic_ns()
+        try:
+            stop = run_loop(self.vcpu, self.platform.pio, self.platform.mmio, self._control)
+        except KeyboardInterrupt:
+            stop = Stop(StopReason.INTERRUPTED, "interrupted by the user (Ctrl-C)")
+        finally:
+            stopped = time.monotonic_ns()
+            if timer is not None:
+                timer.cancel()
+            self._close_serial()
+            self.state = RunState.STOPPED
+        rip = None
+        if stop.reason in (StopReason.INTERNAL_ERROR, StopReason.SHUTDOWN, StopReason.UNHANDLED):
+            try:
+                rip = self.vcpu.get_regs().rip
+            except LeanvmError:
+                rip = None
+            if stop.reason is StopReason.INTERNAL_ERROR and stop.exit is not None:
+                stop = Stop(stop.reason, stop.exit.describe(rip), exit=stop.exit)  # type: ignore[union-attr]
+        self.result = RunResult(stop.reason, stop.detail, stop.status, self._control.exits, rip,
+                                self.process_start_ns, first_entry, stopped)
+        return self.result
+
+    def stop(self, detail: str = "stopped by the host") -> None:
+        """Ask a running machine to stop (from any thread)."""
+        self._kick(Stop(StopReason.INTERRUPTED, detail))
+
+    @property
+    def console(self) -> bytes:
+        """The serial output so far (the last 1 MiB)."""
+        return bytes(self._console)
+
+    def send_input(self, data: bytes) -> None:
+        """Bytes for the guest's COM1 receiver."""
+        self.build().platform.serial.receive(data)
+
+    def residency(self) -> list[Residency]:
+        """Host memory each guest region costs now."""
+        self.build()
+        return measure([(r.name, r.mapping.address, r.size) for r in self.memory.regions])
+
+    # --- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        if self.state is RunState.CLOSED:
+            return
+        if self.state is not RunState.CREATED:
+            self.memory.close()
+        for item in self._closables:
+            item.close()
+        self._closables.clear()
+        self.state = RunState.CLOSED
+
+    def __enter__(self) -> "Machine":
+        try:
+            return self.build()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- device callbacks (run on the vCPU thread) -------------------------------------
+    def _on_reset(self) -> None:
+        self._control.request(Stop(StopReason.RESET, "the guest requested a reset (i8042)"))
+
+    def _on_guest_exit(self, status: int) -> None:
+        self._control.request(Stop(StopReason.GUEST_EXIT,
+                                   f"the guest exited with status {status}", status))
+
+    def _serial_output(self, data: bytes) -> None:
+        console = self._console
+        console += data
+        if len(console) > 2 * CONSOLE_KEEP:
+            del console[:-CONSOLE_KEEP]
+        if self._output is not None:
+            self._output.write(data)
+
+    # --- serial wiring -----------------------------------------------------------------
+    def _open_serial(self) -> None:
+        serial = self.config.serial
+        if serial.mode == "stdio":
+            self._output = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+            self._start_stdin_reader()
+        elif serial.mode == "file":
+            assert serial.path is not None
+            try:
+                self._output = open(serial.path, "wb", buffering=0)
+            except OSError as exc:
+                raise ConfigError(f"{serial.path}: cannot open for serial output "
+                                  f"({exc.strerror})") from None
+
+    def _close_serial(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def _start_stdin_reader(self) -> None:
+        serial = self.platform.serial
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+
+        def pump() -> None:
+            while True:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                serial.receive(data)
+
+        threading.Thread(target=pump, name="leanvm-stdin", daemon=True).start()
+
+    # --- stopping from other threads ---------------------------------------------------
+    def _arm_timeout(self, timeout: float) -> threading.Timer:
+        timer = threading.Timer(timeout, self._kick,
+                                (Stop(StopReason.TIMEOUT, f"time limit of {timeout:g} s reached"),))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _kick(self, stop: Stop) -> None:
+        self._control.request(stop)
+        if self.state is RunState.RUNNING:
+            self.vcpu.request_stop()
+            thread = self._vcpu_thread
+            if thread is not None and _kick_handler_installed:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+
+
+_kick_handler_installed = False
+
+
+def _install_kick_handler() -> None:
+    """A no-op handler so KICK_SIGNAL interrupts KVM_RUN (EINTR) instead of killing us.
+    Python only lets the main thread install handlers; elsewhere the immediate_exit flag
+    alone stops the vCPU at its next exit."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        _kick_handler_installed = True

@@ -1,0 +1,111 @@
+"""The vCPU loop: turn KVM exits into bus reads and writes until something stops the VM.
+
+This is the hottest code in leanvm: one iteration per guest exit. It binds what it calls to
+locals, tests the common exits first, and checks one attribute to learn whether a device
+asked to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from leanvm.devices.bus import Bus
+from leanvm.kvm import exits as ex
+from leanvm.kvm.vcpu import Vcpu
+
+
+class StopReason(Enum):
+    RESET = "reset"  # the guest asked for a reset (i8042 0xFE, output port)
+    GUEST_EXIT = "guest-exit"  # the guest wrote its status to the exit port
+    HALT = "halt"  # HLT with nothing to wake the vCPU (no in-kernel irqchip)
+    SHUTDOWN = "shutdown"  # triple fault
+    INTERNAL_ERROR = "internal-error"  # KVM could not go on (e.g. emulation failure)
+    FAIL_ENTRY = "fail-entry"  # the hardware refused to enter the guest
+    SYSTEM_EVENT = "system-event"  # KVM reported a reset/shutdown/crash event
+    TIMEOUT = "timeout"  # the host's time limit ran out
+    INTERRUPTED = "interrupted"  # the host asked to stop (Ctrl-C, API)
+    UNHANDLED = "unhandled-exit"  # an exit leanvm does not handle
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    reason: StopReason
+    detail: str
+    status: int | None = None  # the guest's exit status, for GUEST_EXIT
+    exit: ex.Exit | None = None
+
+
+class LoopControl:
+    """Shared between the loop and whoever may stop it (devices, timers, other threads)."""
+
+    __slots__ = ("stop", "exits")
+
+    def __init__(self) -> None:
+        self.stop: Stop | None = None
+        self.exits = 0
+
+    def request(self, stop: Stop) -> None:
+        if self.stop is None:
+            self.stop = stop
+
+
+def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
+    run = vcpu.run
+    pio_read, pio_write = pio.read, pio.write
+    mmio_read, mmio_write = mmio.read, mmio.write
+    from_bytes = int.from_bytes
+    IoOut, IoIn, MmioRead, MmioWrite = ex.IoOut, ex.IoIn, ex.MmioRead, ex.MmioWrite
+    exits = 0
+    try:
+        while control.stop is None:
+            exit_ = run()
+            exits += 1
+            kind = type(exit_)
+            if kind is IoOut:
+                size = exit_.size
+                if exit_.count == 1:
+                    pio_write(exit_.port, size, from_bytes(exit_.data, "little"))
+                else:
+                    data = exit_.data
+                    for i in range(0, size * exit_.count, size):
+                        pio_write(exit_.port, size, from_bytes(data[i:i + size], "little"))
+            elif kind is IoIn:
+                size = exit_.size
+                vcpu.complete_io_in(exit_, b"".join(
+                    pio_read(exit_.port, size).to_bytes(size, "little")
+                    for _ in range(exit_.count)))
+            elif kind is MmioWrite:
+                mmio_write(exit_.address, exit_.size, from_bytes(exit_.data, "little"))
+            elif kind is MmioRead:
+                size = exit_.size
+                vcpu.complete_mmio_read(mmio_read(exit_.address, size).to_bytes(size, "little"))
+            else:
+                stop = _other_exit(exit_, control)
+                if stop is not None:
+                    control.request(stop)
+    finally:
+        control.exits += exits
+    return control.stop
+
+
+def _other_exit(exit_: ex.Exit, control: LoopControl) -> Stop | None:
+    if isinstance(exit_, ex.Interrupted):
+        return control.stop  # a stray signal, with no stop requested, just resumes the guest
+    if isinstance(exit_, ex.Hlt):
+        return Stop(StopReason.HALT, "the guest halted with nothing to wake it", exit=exit_)
+    if isinstance(exit_, ex.Shutdown):
+        return Stop(StopReason.SHUTDOWN, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)", exit=exit_)
+    if isinstance(exit_, ex.InternalError):
+        return Stop(StopReason.INTERNAL_ERROR, exit_.describe(), exit=exit_)
+    if isinstance(exit_, ex.FailEntry):
+        return Stop(StopReason.FAIL_ENTRY, f"VM entry failed: hardware reason "
+                    f"{exit_.hardware_reason:#x} on CPU {exit_.cpu}", exit=exit_)
+    if isinstance(exit_, ex.SystemEvent):
+        names = {1: "shutdown", 2: "reset", 3: "crash"}
+        return Stop(StopReason.SYSTEM_EVENT,
+                    f"KVM system event: {names.get(exit_.type, exit_.type)}", exit=exit_)
+    if isinstance(exit_, ex.Unknown):
+        return Stop(StopReason.UNHANDLED, f"unhandled KVM exit reason {exit_.reason} "
+                    f"(hardware reason {exit_.hardware_reason:#x})", exit=exit_)
+    return Stop(StopReason.UNHANDLED, f"unhandled exit {exit_!r}", exit=exit_)

@@ -1,0 +1,1 @@
+"""Guest memory: host mappings, guest regions, bounds-checked access, residency accounting."""

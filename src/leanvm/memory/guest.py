@@ -1,0 +1,116 @@
+"""Guest-physical memory: regions at guest addresses, with bounds-checked access.
+
+Everything the VMM or a device reads or writes in the guest goes through GuestMemory, which
+refuses any access that is not wholly inside one region with a GuestError, so a hostile
+guest-supplied address or length can never reach host memory outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+from leanvm.errors import DeviceError, GuestError
+from leanvm.memory.host import HostMapping
+
+
+class RegionKind(Enum):
+    RAM = "ram"  # anonymous guest RAM
+    ROM = "rom"  # read-only to the guest
+    FILE = "file"  # backed by a file (private copy-on-write or shared)
+
+
+@dataclass(slots=True)
+class GuestRegion:
+    """``size`` bytes at guest-physical ``base``, backed by ``mapping``."""
+
+    name: str
+    base: int
+    mapping: HostMapping
+    kind: RegionKind
+    readonly: bool = False  # read-only to the guest (a KVM_MEM_READONLY memslot)
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = self.mapping.view()
+
+    @property
+    def size(self) -> int:
+        return self.mapping.size
+
+    @property
+    def end(self) -> int:
+        """One past the last byte."""
+        return self.base + self.mapping.size
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        return self.base <= address and address + length <= self.end
+
+
+class GuestMemory:
+    """The set of regions of one guest; lookups by guest-physical address."""
+
+    def __init__(self) -> None:
+        self._regions: list[GuestRegion] = []
+        self._bases: list[int] = []
+
+    @property
+    def regions(self) -> tuple[GuestRegion, ...]:
+        return tuple(self._regions)
+
+    def add(self, region: GuestRegion) -> GuestRegion:
+        for other in self._regions:
+            if region.base < other.end and other.base < region.end:
+                raise DeviceError(
+                    f"guest region {region.name} [{region.base:#x}, {region.end:#x}) overlaps "
+                    f"{other.name} [{other.base:#x}, {other.end:#x})")
+        index = bisect.bisect(self._bases, region.base)
+        self._regions.insert(index, region)
+        self._bases.insert(index, region.base)
+        return region
+
+    def find(self, address: int, length: int = 1) -> GuestRegion:
+        """The region holding ``[address, address + length)``, or GuestError."""
+        index = bisect.bisect(self._bases, address) - 1
+        if index >= 0 and length >= 0:
+            region = self._regions[index]
+            if address + length <= region.end:
+                return region
+        raise GuestError(f"guest address range [{address:#x}, +{length:#x}) is not in guest memory")
+
+    def read(self, address: int, length: int) -> bytes:
+        region = self.find(address, length)
+        offset = address - region.base
+        return bytes(region.view[offset:offset + length])
+
+    def write(self, address: int, data: bytes, *, force: bool = False) -> None:
+        """Write ``data``; regions read-only to the guest need ``force`` (the VMM loading them)."""
+        region = self.find(address, len(data))
+        if region.readonly and not force:
+            raise GuestError(f"guest address {address:#x} is in read-only region {region.name}")
+        if not region.mapping.writable:
+            raise GuestError(f"region {region.name} is backed by a read-only host mapping")
+        offset = address - region.base
+        region.view[offset:offset + len(data)] = data
+
+    def read_int(self, address: int, size: int) -> int:
+        return int.from_bytes(self.read(address, size), "little")
+
+    def write_int(self, address: int, size: int, value: int) -> None:
+        self.write(address, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read_u64(self, address: int) -> int:
+        return struct.unpack("<Q", self.read(address, 8))[0]
+
+    @property
+    def ram_size(self) -> int:
+        return sum(r.size for r in self._regions if r.kind is RegionKind.RAM)
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.view.release()
+            region.mapping.unmap()
+        self._regions.clear()
+        self._bases.clear()
