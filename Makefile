@@ -5,15 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench demo-guest clean
+.PHONY: run test test-fast bench bytecode demo-guest clean
 
 $(STAMP): pyproject.toml scripts/install-deps
 	PYTHON=$(PYTHON) scripts/install-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(MAKE) --no-print-directory bytecode
 	touch $(STAMP)
 
-run: $(STAMP)
+# Start-up time depends on cached bytecode; write it even where PYTHONDONTWRITEBYTECODE is set.
+bytecode:
+	$(PY) -m compileall -q src >/dev/null
+
+run: $(STAMP) bytecode
 	$(VENV)/bin/leanvm run
 
 test: $(STAMP)

@@ -14,9 +14,10 @@ Importing this package does no work: names below load their modules on first use
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
 
 if TYPE_CHECKING:
     from leanvm.errors import LeanvmError
@@ -34,7 +35,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'leanvm' has no attribute {name!r}")

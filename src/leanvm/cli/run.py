@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--cpu-hide", default="", metavar="FEATURES",
                         help="comma-separated CPUID features to hide, e.g. xsave,avx")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    parser.add_argument("--stats-json", type=Path, metavar="FILE",
+                        help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
+                             "as JSON to FILE")
     parser.set_defaults(handler=handle)
 
 
@@ -43,8 +46,25 @@ def handle(args: argparse.Namespace) -> int:
         raise ConfigError(f"bad --timeout {args.timeout}: expected a positive number of seconds")
     with Machine(config) as machine:
         result = machine.run(timeout=args.timeout)
+        if args.stats_json:
+            _write_stats(args.stats_json, result)
         if not args.quiet:
             from leanvm.cli.summary import print_summary
 
             print_summary(machine, result, sys.stderr)
     return result.exit_code
+
+
+def _write_stats(path: Path, result: object) -> None:
+    import json
+
+    from leanvm.errors import ConfigError
+
+    fields = ("reason", "detail", "status", "exits", "process_start_ns", "first_entry_ns",
+              "stopped_ns", "exit_code")
+    data = {name: getattr(result, name) for name in fields}
+    data["reason"] = data["reason"].value
+    try:
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write stats ({exc.strerror})") from None

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -13,6 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def handle(args: argparse.Namespace) -> int:
+    import platform
+    import sys
+
     from leanvm import __version__
     from leanvm.abi import kvm as abi
     from leanvm.errors import KvmError

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple
 
 from leanvm.errors import DeviceError
 
@@ -18,20 +17,23 @@ ACCESS_SIZES = (1, 2, 4, 8)
 ALL_ONES = {size: (1 << (8 * size)) - 1 for size in ACCESS_SIZES}
 
 
-class BusDevice(Protocol):
-    """What a bus needs from a device."""
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    def read(self, offset: int, size: int) -> int: ...
+    class BusDevice(Protocol):
+        """What a bus needs from a device: reads and writes at an offset in its range."""
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+        def read(self, offset: int, size: int) -> int: ...
+
+        def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):
     name: str
     base: int
     size: int
-    device: BusDevice
+    device: "BusDevice"
 
     @property
     def end(self) -> int:
@@ -55,7 +57,7 @@ class Bus:
     def mappings(self) -> tuple[Mapping, ...]:
         return tuple(self._maps)
 
-    def register(self, base: int, size: int, device: BusDevice, name: str) -> None:
+    def register(self, base: int, size: int, device: "BusDevice", name: str) -> None:
         if size <= 0 or base < 0 or base + size > self.limit:
             raise DeviceError(f"{self.kind} range for {name} [{base:#x}, +{size:#x}) is outside "
                               f"the bus [0, {self.limit:#x})")

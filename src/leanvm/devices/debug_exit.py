@@ -6,7 +6,7 @@ use it to report pass/fail; leanvm places it at port 0xf4 by default.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class DebugExit:

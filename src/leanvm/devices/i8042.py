@@ -7,7 +7,7 @@ port (command 0xD1, then a byte with bit 0 clear). Either calls ``on_reset``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 DATA = 0  # port 0x60
 COMMAND = 4  # port 0x64 (status on read)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 # register offsets (DLAB=0 unless noted)
 RBR_THR = 0  # receive buffer (read) / transmit holding (write); DLL when DLAB=1

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 from functools import lru_cache
-from typing import Any
 
 from leanvm.errors import KvmError
 
@@ -14,15 +12,15 @@ _INT_MAX = (1 << 31) - 1
 
 
 @lru_cache(maxsize=1)
-def _libc_ioctl() -> Any:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _libc_ioctl() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     func = libc.ioctl
     func.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
     func.restype = ctypes.c_int
     return func
 
 
-def ioctl(fd: int, request: int, name: str, arg: Any = 0, hint: str = "") -> int:
+def ioctl(fd: int, request: int, name: str, arg: "int | ctypes.Structure | ctypes._SimpleCData" = 0, hint: str = "") -> int:
     """Issue ``request`` on ``fd``; ``arg`` is an int or a ctypes structure (mutated in place)."""
     if isinstance(arg, int) and arg > _INT_MAX:  # fcntl.ioctl takes a C int; KVM an unsigned long
         result = _libc_ioctl()(fd, request, arg)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import NamedTuple
+from collections.abc import Iterable, Sequence
 
 from leanvm.abi import kvm as abi
 from leanvm.errors import ConfigError
@@ -74,8 +74,7 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
 _REGS = ("eax", "ebx", "ecx", "edx")
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One CPUID answer: leaf (EAX input), subleaf (ECX input) and the four outputs."""
 
     function: int
@@ -87,8 +86,7 @@ class CpuidEntry:
     edx: int
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidTable:
+class CpuidTable(NamedTuple):
     """An immutable CPUID table; ``without`` returns a copy with features hidden."""
 
     entries: tuple[CpuidEntry, ...]
@@ -122,7 +120,7 @@ class CpuidTable:
         for entry in self.entries:
             for (leaf, sub, reg), mask in clear.items():
                 if entry.function == leaf and entry.index == sub:
-                    entry = replace(entry, **{reg: getattr(entry, reg) & ~mask})
+                    entry = entry._replace(**{reg: getattr(entry, reg) & ~mask})
             out.append(entry)
         return CpuidTable(tuple(out))
 

@@ -7,7 +7,7 @@ import fcntl
 import mmap
 import os
 import struct
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from leanvm.abi import kvm as abi
 from leanvm.errors import KvmError

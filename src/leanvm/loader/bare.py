@@ -14,7 +14,7 @@ Low memory used (all below the 1 MiB load address):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from leanvm.errors import ConfigError, ImageError
 from leanvm.loader.image import GuestImage
@@ -45,8 +45,7 @@ GDT_ENTRIES = (0x0000000000000000, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 PTE_PRESENT, PTE_WRITE, PTE_USER, PTE_LARGE = 0x1, 0x2, 0x4, 0x80
 
 
-@dataclass(frozen=True, slots=True)
-class BootState:
+class BootState(NamedTuple):
     """Registers for the first instruction, in long mode at CPL 0."""
 
     rip: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from leanvm.errors import ImageError
@@ -11,8 +11,7 @@ FLAT_LOAD_ADDRESS = 0x100000  # 1 MiB, where flat binaries are loaded and entere
 ELF_MAGIC = b"\x7fELF"
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """``data`` at guest-physical ``address``, then zeros up to ``memory_size`` bytes."""
 
     address: int
@@ -20,8 +19,7 @@ class Segment:
     memory_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class GuestImage:
+class GuestImage(NamedTuple):
     path: str
     kind: str  # "flat" or "elf"
     entry: int

@@ -3,8 +3,8 @@ created and connected here by hand; nothing registers itself."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import NamedTuple
+from collections.abc import Callable
 
 from leanvm.devices.bus import Bus
 from leanvm.devices.debug_exit import DebugExit
@@ -53,8 +53,7 @@ class Memslots:
         return slot
 
 
-@dataclass(slots=True)
-class Platform:
+class Platform(NamedTuple):
     pio: Bus
     mmio: Bus
     serial: Serial16550

@@ -12,13 +12,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from enum import Enum
-from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
 
-from leanvm.devices.bus import Bus, BusDevice
+from leanvm.devices.bus import Bus
 from leanvm.errors import ConfigError, LeanvmError
 from leanvm.machine.builder import (IDENTITY_MAP_ADDRESS, TSS_ADDRESS, Memslots, Platform,
                                     build_platform, build_ram)
@@ -27,7 +25,14 @@ from leanvm.machine.timing import process_start_ns
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import HostMapping
-from leanvm.memory.residency import Residency, measure
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
+    from leanvm.devices.bus import BusDevice
+
+    from leanvm.memory.residency import Residency
 
 CONSOLE_KEEP = 1 << 20  # bytes of serial output kept in memory for Machine.console
 KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
@@ -35,7 +40,7 @@ KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU 
 
 def demo_guest_path() -> Path:
     """The bundled demo guest (prints a greeting, then resets)."""
-    return Path(str(resources.files("leanvm") / "data" / "demo.bin"))
+    return Path(__file__).resolve().parent.parent / "data" / "demo.bin"
 
 
 class RunState(Enum):
@@ -46,8 +51,7 @@ class RunState(Enum):
     CLOSED = "closed"  # all resources released
 
 
-@dataclass(frozen=True, slots=True)
-class RunResult:
+class RunResult(NamedTuple):
     reason: StopReason
     detail: str
     status: int | None  # the guest's exit status (GUEST_EXIT only)
@@ -205,6 +209,8 @@ class Machine:
 
     def residency(self) -> list[Residency]:
         """Host memory each guest region costs now."""
+        from leanvm.memory.residency import measure
+
         self.build()
         return measure([(r.name, r.mapping.address, r.size) for r in self.memory.regions])
 

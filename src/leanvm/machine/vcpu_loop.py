@@ -7,7 +7,7 @@ asked to stop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from enum import Enum
 
 from leanvm.devices.bus import Bus
@@ -28,8 +28,7 @@ class StopReason(Enum):
     UNHANDLED = "unhandled-exit"  # an exit leanvm does not handle
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(NamedTuple):
     reason: StopReason
     detail: str
     status: int | None = None  # the guest's exit status, for GUEST_EXIT

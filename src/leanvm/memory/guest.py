@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass, field
 from enum import Enum
 
 from leanvm.errors import DeviceError, GuestError
@@ -22,19 +21,23 @@ class RegionKind(Enum):
     FILE = "file"  # backed by a file (private copy-on-write or shared)
 
 
-@dataclass(slots=True)
 class GuestRegion:
     """``size`` bytes at guest-physical ``base``, backed by ``mapping``."""
 
-    name: str
-    base: int
-    mapping: HostMapping
-    kind: RegionKind
-    readonly: bool = False  # read-only to the guest (a KVM_MEM_READONLY memslot)
-    view: memoryview = field(init=False, repr=False)
+    __slots__ = ("name", "base", "mapping", "kind", "readonly", "view")
 
-    def __post_init__(self) -> None:
-        self.view = self.mapping.view()
+    def __init__(self, name: str, base: int, mapping: HostMapping, kind: RegionKind,
+                 readonly: bool = False) -> None:
+        self.name = name
+        self.base = base
+        self.mapping = mapping
+        self.kind = kind
+        self.readonly = readonly  # read-only to the guest (a KVM_MEM_READONLY memslot)
+        self.view = mapping.view()
+
+    def __repr__(self) -> str:
+        return (f"GuestRegion({self.name!r}, base={self.base:#x}, size={self.size:#x}, "
+                f"kind={self.kind.value}, readonly={self.readonly})")
 
     @property
     def size(self) -> int:

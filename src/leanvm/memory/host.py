@@ -4,10 +4,8 @@ at a known address, nor reserve without backing)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
 from leanvm.errors import ConfigError, LeanvmError
@@ -20,7 +18,7 @@ MADV_DONTNEED = 4  # drop the pages; anonymous memory reads as zero afterwards
 
 @lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
@@ -29,15 +27,22 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-@dataclass(slots=True)
 class HostMapping:
     """A range of this process's address space backing guest memory."""
 
-    address: int
-    size: int
-    writable: bool
-    shared: bool
-    path: str | None = None
+    __slots__ = ("address", "size", "writable", "shared", "path")
+
+    def __init__(self, address: int, size: int, *, writable: bool, shared: bool,
+                 path: str | None = None) -> None:
+        self.address = address
+        self.size = size  # 0 once unmapped
+        self.writable = writable
+        self.shared = shared
+        self.path = path
+
+    def __repr__(self) -> str:
+        return (f"HostMapping(address={self.address:#x}, size={self.size:#x}, "
+                f"writable={self.writable}, shared={self.shared}, path={self.path!r})")
 
     def view(self) -> memoryview:
         """A byte view of the whole mapping (read-only when the mapping is)."""

@@ -10,8 +10,8 @@ apart (smaps cannot do that).
 from __future__ import annotations
 
 import array
-from dataclasses import dataclass
-from typing import Iterable
+from typing import NamedTuple
+from collections.abc import Iterable
 
 from leanvm.memory.host import PAGE_SIZE
 
@@ -22,8 +22,7 @@ PM_EXCLUSIVE = 1 << 56  # page mapped exactly once
 _CHUNK_PAGES = 1 << 16  # read 512 KiB of pagemap at a time
 
 
-@dataclass(frozen=True, slots=True)
-class Residency:
+class Residency(NamedTuple):
     name: str
     size: int
     resident: int
