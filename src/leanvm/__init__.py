@@ -17,7 +17,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from leanvm.errors import LeanvmError

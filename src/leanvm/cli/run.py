@@ -37,9 +37,12 @@ def handle(args: argparse.Namespace) -> int:
     from leanvm.machine.config import MachineConfig, parse_size
     from leanvm.machine.machine import Machine
 
+    import os
+
     hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
     config = MachineConfig(memory=parse_size(args.memory, "memory size"), guest=args.guest,
-                           args=args.args, serial=args.serial, hide_cpu_features=hidden)
+                           args=args.args, serial=args.serial, hide_cpu_features=hidden,
+                           kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
     if args.timeout is not None and args.timeout <= 0:
         from leanvm.errors import ConfigError
 

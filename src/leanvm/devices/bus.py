@@ -17,7 +17,7 @@ ACCESS_SIZES = (1, 2, 4, 8)
 ALL_ONES = {size: (1 << (8 * size)) - 1 for size in ACCESS_SIZES}
 
 
-TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Protocol
 

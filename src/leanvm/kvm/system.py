@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+from typing import TYPE_CHECKING
 
 from leanvm.abi import kvm as abi
 from leanvm.errors import KvmError

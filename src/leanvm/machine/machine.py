@@ -26,7 +26,7 @@ from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import HostMapping
 
-TYPE_CHECKING = False  # typing is not imported at run time: it costs start-up
+from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, BinaryIO
 

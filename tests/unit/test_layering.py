@@ -1,0 +1,91 @@
+"""Lower layers never import upward (../shared/ARCHITECTURE.md): an AST walk over src/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "leanvm"
+
+LAYER = {
+    "errors": 0, "abi": 0, "trace.events": 0,
+    "kvm": 1, "memory": 1,
+    "devices": 2, "loader": 2, "firmware": 2, "dump": 2, "layout": 2, "trace": 2,
+    "machine": 3,
+    "cli": 4, "__main__": 5,  # python -m leanvm: the very top
+}
+# What each layer may import besides itself and the layers below it.
+FORBIDDEN_FOR_L2 = {"kvm"}  # devices, loaders, planners never touch KVM
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    """('devices', 2) for 'leanvm.devices.serial'; the package root is layer 4 (it re-exports)."""
+    parts = module.split(".")[1:]
+    if not parts or parts == ["__init__"]:
+        return "leanvm", 4
+    if len(parts) >= 2 and ".".join(parts[:2]) in LAYER:
+        return ".".join(parts[:2]), LAYER[".".join(parts[:2])]
+    if parts[0] not in LAYER:
+        raise AssertionError(f"module {module} is in no layer: add it to LAYER and ARCHITECTURE.md")
+    return parts[0], LAYER[parts[0]]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> list[str]:
+    tree = ast.parse(source)
+    found = []
+    package = module if is_package else module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                found.append(".".join(base + ([node.module] if node.module else [])))
+            elif node.module:
+                found.append(node.module)
+    return [name for name in found if name == "leanvm" or name.startswith("leanvm.")]
+
+
+def violations(module: str, source: str, is_package: bool = False) -> list[str]:
+    problems = []
+    name, level = layer_of(module)
+    for target in imports_of(source, module, is_package):
+        if target == "leanvm":
+            if level < 4:
+                problems.append(f"{module} imports the package root")
+            continue
+        target_name, target_level = layer_of(target)
+        if target_name.split(".")[0] == name.split(".")[0]:
+            continue
+        if target_level > level or (level == target_level and level > 0 and target_name != name):
+            problems.append(f"{module} (L{level}) imports {target} (L{target_level})")
+        if level == 2 and target_name in FORBIDDEN_FOR_L2:
+            problems.append(f"{module} (L2) imports {target}: devices never touch KVM")
+    return problems
+
+
+def test_every_module_imports_only_its_layer_and_below() -> None:
+    modules = sorted(SRC.rglob("*.py"))
+    assert len(modules) > 20
+    problems = []
+    for path in modules:
+        problems += violations(module_name(path), path.read_text(), path.name == "__init__.py")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_reports_upward_and_sideways_imports() -> None:
+    assert violations("leanvm.devices.serial", "from leanvm.machine import machine\n")
+    assert violations("leanvm.devices.serial", "import leanvm.kvm.vm\n")
+    assert violations("leanvm.memory.guest", "from leanvm.kvm import vcpu\n")  # L1 sideways
+    assert violations("leanvm.loader.bare", "from ..cli import main\n")
+    assert not violations("leanvm.loader.bare", "from leanvm.memory.guest import GuestMemory\n")
+    assert not violations("leanvm.machine.cpu", "from leanvm.kvm.vcpu import Vcpu\n")
