@@ -28,6 +28,7 @@ from leanvm.memory.host import HostMapping
 
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, BinaryIO
 
     from leanvm.devices.bus import BusDevice
@@ -101,6 +102,7 @@ class Machine:
         self._extra_mappings: list[HostMapping] = []
         self.result: RunResult | None = None
         self._vcpu_thread: int | None = None
+        self._restore_tty: "Callable[[], None] | None" = None
 
     # --- building --------------------------------------------------------------------
     def build(self) -> "Machine":
@@ -266,6 +268,9 @@ class Machine:
                                   f"({exc.strerror})") from None
 
     def _close_serial(self) -> None:
+        if self._restore_tty is not None:
+            self._restore_tty()
+            self._restore_tty = None
         if self._output is not None:
             self._output.close()
             self._output = None
@@ -276,6 +281,13 @@ class Machine:
             fd = sys.stdin.fileno()
         except (AttributeError, OSError, ValueError):
             return
+        if os.isatty(fd):  # keys go to the guest as typed; Ctrl-C still stops leanvm
+            import termios
+            import tty
+
+            saved = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+            self._restore_tty = lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
         def pump() -> None:
             while True:
