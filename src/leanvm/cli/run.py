@@ -14,8 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                     "bundled demo. Serial output goes to the terminal; a summary follows on "
                     "stderr. Exit status: 0 after a guest reset, the guest's status after a "
                     "write to the exit port, 124 on timeout, 3 if the guest failed.")
-    parser.add_argument("-m", "--memory", default="128M", metavar="SIZE",
-                        help="guest RAM, e.g. 512M or 2G; a bare number is MiB (default 128M)")
+    parser.add_argument("-m", "--memory", default="128M", metavar="SIZE[,maxmem=SIZE][,slots=N]",
+                        help="guest RAM as QEMU's -m, e.g. 512M or 2G,maxmem=8G,slots=2; a bare "
+                             "number is MiB (default 128M)")
+    parser.add_argument("--machine", default="leanvm", metavar="NAME",
+                        help="memory-map version: leanvm (newest) or leanvm-1")
+    parser.add_argument("--pa-bits", type=int, metavar="N",
+                        help="guest physical address bits (default: the vCPU's CPUID)")
+    parser.add_argument("--set", action="append", default=[], metavar="PROP=VALUE",
+                        help="memory-map switch, e.g. compact=off or pcie-ecam=off (see "
+                             "leanvm memmap)")
     parser.add_argument("--guest", type=Path, metavar="FILE",
                         help="bare guest program: flat binary (loaded at 1 MiB) or x86-64 ELF")
     parser.add_argument("--args", default="", metavar="STRING",
@@ -34,14 +42,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def handle(args: argparse.Namespace) -> int:
-    from leanvm.machine.config import MachineConfig, parse_size
+    from leanvm.machine.config import MachineConfig
     from leanvm.machine.machine import Machine
 
     import os
 
+    from leanvm.cli.memmap import parse_settings
+
     hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
-    config = MachineConfig(memory=parse_size(args.memory, "memory size"), guest=args.guest,
-                           args=args.args, serial=args.serial, hide_cpu_features=hidden,
+    config = MachineConfig(memory=args.memory, guest=args.guest, machine=args.machine,
+                           pa_bits=args.pa_bits, args=args.args, serial=args.serial,
+                           hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
                            kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
     if args.timeout is not None and args.timeout <= 0:
         from leanvm.errors import ConfigError
@@ -50,7 +61,7 @@ def handle(args: argparse.Namespace) -> int:
     with Machine(config) as machine:
         result = machine.run(timeout=args.timeout)
         if args.stats_json:
-            _write_stats(args.stats_json, result)
+            _write_stats(args.stats_json, result, machine)
         if not args.quiet:
             from leanvm.cli.summary import print_summary
 
@@ -58,7 +69,7 @@ def handle(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _write_stats(path: Path, result: object) -> None:
+def _write_stats(path: Path, result: object, machine: object) -> None:
     import json
 
     from leanvm.errors import ConfigError
@@ -67,6 +78,9 @@ def _write_stats(path: Path, result: object) -> None:
               "stopped_ns", "exit_code")
     data = {name: getattr(result, name) for name in fields}
     data["reason"] = data["reason"].value
+    data["memmap"] = machine.plan.to_json()  # type: ignore[attr-defined]
+    data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
+                           for r in machine.memory.regions]  # type: ignore[attr-defined]
     try:
         path.write_text(json.dumps(data, indent=1) + "\n")
     except OSError as exc:

@@ -11,29 +11,34 @@ from leanvm.devices.debug_exit import DebugExit
 from leanvm.devices.i8042 import I8042
 from leanvm.devices.serial import Serial16550
 from leanvm.kvm.vm import Vm
+from leanvm.layout.region import MemoryMap
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import map_anonymous
 
-GiB = 1 << 30
-LOW_RAM_LIMIT = 3 * GiB  # RAM below the 32-bit MMIO hole
-HIGH_RAM_BASE = 4 * GiB
-IDENTITY_MAP_ADDRESS = 0xFEFFC000  # one page the host uses for real-mode paging (Intel)
-TSS_ADDRESS = 0xFEFFD000  # three pages for the host's real-mode TSS (Intel)
+RAM_REGIONS = ("ram-low", "ram-high")
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 I8042_PORT = 0x60
 DEBUG_EXIT_PORT = 0xF4
 
 
-def build_ram(memory_size: int) -> GuestMemory:
-    """Low RAM from 0 up to 3 GiB, the rest from 4 GiB."""
+def build_ram(plan: MemoryMap) -> GuestMemory:
+    """Anonymous RAM for each RAM region of the plan, exactly where the plan puts it."""
     memory = GuestMemory()
-    low = min(memory_size, LOW_RAM_LIMIT)
-    memory.add(GuestRegion("ram-low", 0, map_anonymous(low), RegionKind.RAM))
-    if memory_size > low:
-        memory.add(GuestRegion("ram-high", HIGH_RAM_BASE, map_anonymous(memory_size - low),
-                               RegionKind.RAM))
+    for region in plan.regions:
+        if region.name in RAM_REGIONS and region.enabled:
+            memory.add(GuestRegion(region.name, region.base, map_anonymous(region.size),
+                                   RegionKind.RAM))
     return memory
+
+
+def setup_kvm_private(vm: Vm, plan: MemoryMap) -> None:
+    """KVM on Intel needs an identity-map page and a three-page TSS for real mode, in
+    guest-physical space that is not RAM: the plan's kvm-private region holds both."""
+    region = plan.get("kvm-private")
+    if region.enabled:
+        vm.set_identity_map_addr(region.base)
+        vm.set_tss_addr(region.base + 0x1000)
 
 
 class Memslots:

@@ -32,6 +32,40 @@ def parse_size(text: str, what: str = "size", default_unit: str = "M") -> int:
     return int(value)
 
 
+class MemoryOption(NamedTuple):
+    """QEMU's -m: 'SIZE[,maxmem=SIZE][,slots=N]'."""
+
+    size: int
+    maxmem: int | None = None
+    slots: int = 0
+
+
+def parse_memory_option(text: str) -> MemoryOption:
+    """'512M' or '4G,maxmem=511G,slots=4' (QEMU's -m syntax; 'size=' may name the first)."""
+    size: int | None = None
+    maxmem: int | None = None
+    slots = 0
+    for index, part in enumerate(p.strip() for p in str(text).split(",")):
+        key, eq, value = part.partition("=")
+        if not eq and index == 0:
+            size = parse_size(part, "memory size")
+        elif key == "size":
+            size = parse_size(value, "memory size")
+        elif key == "maxmem":
+            maxmem = parse_size(value, "maxmem")
+        elif key == "slots":
+            if not value.isdigit():
+                raise ConfigError(f"bad slots {value!r}: expected a whole number")
+            slots = int(value)
+        else:
+            raise ConfigError(f"bad -m option {part!r}: expected SIZE[,maxmem=SIZE][,slots=N]")
+    if size is None:
+        raise ConfigError(f"bad -m {text!r}: no memory size given")
+    if maxmem is not None and maxmem < size:
+        raise ConfigError(f"bad -m {text!r}: maxmem is smaller than the memory size")
+    return MemoryOption(size, maxmem, slots)
+
+
 class SerialConfig(NamedTuple):
     """Where COM1 goes: 'stdio' (terminal, with input), 'file' (output to ``path``) or
     'none' (output only kept in memory, see Machine.console)."""
@@ -57,13 +91,21 @@ class MachineConfig:
     classes cost about a third of leanvm's start-up on a slow host.
     """
 
-    __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path")
+    __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
+                 "slots", "machine", "pa_bits", "layout")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
-                 hide_cpu_features: tuple[str, ...] = (), kvm_path: str = "/dev/kvm") -> None:
+                 hide_cpu_features: tuple[str, ...] = (), kvm_path: str = "/dev/kvm",
+                 maxmem: int | str | None = None, slots: int = 0, machine: str = "leanvm",
+                 pa_bits: int | None = None, layout: tuple[tuple[str, str], ...] = ()) -> None:
         if isinstance(memory, str):
-            memory = parse_size(memory, "memory size")
+            option = parse_memory_option(memory)
+            memory = option.size
+            maxmem = option.maxmem if maxmem is None else maxmem
+            slots = option.slots or slots
+        if isinstance(maxmem, str):
+            maxmem = parse_size(maxmem, "maxmem")
         if not isinstance(memory, int) or memory % PAGE:
             raise ConfigError(f"memory size {memory} must be a multiple of 4K")
         if not MIN_MEMORY <= memory <= MAX_MEMORY:
@@ -74,6 +116,11 @@ class MachineConfig:
         self.serial: SerialConfig = SerialConfig.parse(serial) if isinstance(serial, str) else serial
         self.hide_cpu_features: tuple[str, ...] = tuple(hide_cpu_features)
         self.kvm_path: str = kvm_path
+        self.maxmem: int | None = maxmem  # None: no memory beyond RAM
+        self.slots: int = slots
+        self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
+        self.pa_bits: int | None = pa_bits  # None: from the vCPU's CPUID
+        self.layout: tuple[tuple[str, str], ...] = tuple(layout)  # memory-map switches
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)

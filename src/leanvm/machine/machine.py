@@ -18,9 +18,10 @@ from pathlib import Path
 
 from leanvm.devices.bus import Bus
 from leanvm.errors import ConfigError, LeanvmError
-from leanvm.machine.builder import (IDENTITY_MAP_ADDRESS, TSS_ADDRESS, Memslots, Platform,
-                                    build_platform, build_ram)
+from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ram,
+                                    setup_kvm_private)
 from leanvm.machine.config import MachineConfig
+from leanvm.machine.plan import plan_for
 from leanvm.machine.timing import process_start_ns
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
@@ -117,14 +118,15 @@ class Machine:
         image = load_image(config.guest or demo_guest_path())  # fail early on a bad file
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
+        cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
+        self.plan = plan_for(config, cpuid.phys_addr_bits())
         self.vm = self.kvm.create_vm()
         self._closables.insert(0, self.vm)
-        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
-        self.vm.set_tss_addr(TSS_ADDRESS)
+        setup_kvm_private(self.vm, self.plan)
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.memory: GuestMemory = build_ram(config.memory)
+        self.memory: GuestMemory = build_ram(self.plan)
         self.memslots = Memslots(self.vm)
         for region in self.memory.regions:
             self.memslots.add(region)
@@ -133,7 +135,6 @@ class Machine:
                                                  self._on_reset, self._on_guest_exit)
         self.vcpu = self.vm.create_vcpu(0)
         boot = load_bare(self.memory, image, config.args)
-        cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
         setup_long_mode(self.vcpu, boot, cpuid)
         self.image = image
         self.state = RunState.READY

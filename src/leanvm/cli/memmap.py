@@ -1,0 +1,81 @@
+"""`leanvm memmap`: print a machine's planned guest-physical memory map."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "memmap", help="print the memory map of a machine (leanvm x86 or QEMU's arm virt)",
+        description="Plan and print a machine's guest-physical memory map: one row per region "
+                    "with its base, end, size and state (enabled, disabled and why, reserved).")
+    parser.add_argument("--machine", default="leanvm", metavar="NAME",
+                        help="leanvm (newest leanvm-N), leanvm-1, virt (newest), virt-X.Y")
+    parser.add_argument("-m", "--memory", default="128M", metavar="SIZE[,maxmem=SIZE][,slots=N]",
+                        help="RAM, as QEMU's -m (default 128M)")
+    parser.add_argument("--pa-bits", type=int, metavar="N",
+                        help="guest physical address bits (default: leanvm: this host's vCPU "
+                             "CPUID, else 40; virt: 40)")
+    parser.add_argument("--set", action="append", default=[], metavar="PROP=VALUE",
+                        help="machine property, e.g. highmem-ecam=off or compact=off (repeatable)")
+    parser.add_argument("--json", action="store_true", help="JSON for tools")
+    parser.set_defaults(handler=handle)
+
+
+def parse_settings(items: list[str]) -> dict[str, str]:
+    from leanvm.errors import ConfigError
+
+    settings = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"bad --set {item!r}: expected PROPERTY=VALUE, e.g. compact=off")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def handle(args: argparse.Namespace) -> int:
+    import json
+
+    from leanvm.machine.config import parse_memory_option
+
+    memory = parse_memory_option(args.memory)
+    settings = parse_settings(args.set)
+    if args.machine.startswith("virt"):
+        from leanvm.layout.virt import plan_virt_layout
+
+        plan = plan_virt_layout(memory.size, maxmem=memory.maxmem, slots=memory.slots,
+                                pa_bits=args.pa_bits, machine=args.machine, settings=settings)
+        note = ""
+    else:
+        from leanvm.machine.config import MachineConfig
+        from leanvm.machine.plan import host_pa_bits, plan_for
+
+        config = MachineConfig(memory=memory.size, maxmem=memory.maxmem, slots=memory.slots,
+                               machine=args.machine, pa_bits=args.pa_bits,
+                               layout=tuple(settings.items()))
+        pa_bits = args.pa_bits or host_pa_bits()
+        note = "" if pa_bits else " (no KVM here: 40 assumed; --pa-bits sets it)"
+        plan = plan_for(config, pa_bits or 40)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+        return 0
+    print(f"machine {plan.machine}, {plan.pa_bits}-bit physical addresses{note}, "
+          f"highest address {plan.highest_gpa:#x}")
+    rows = [("region", "base", "end", "size", "state")]
+    for region in plan.regions:
+        rows.append((region.name, f"{region.base:#x}", f"{region.end - 1:#x}" if region.size else "-",
+                     human(region.size), region.describe_state()))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row[:4], widths))) + "  " + row[4])
+    return 0
+
+
+def human(size: int) -> str:
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B" if size < 1024 else f"{size / (1 << 20):.1f}M"

@@ -1,0 +1,83 @@
+"""What a plan is made of: regions with a state, and the map that holds them."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+class RegionState(Enum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"  # not present; its space is free for what follows
+    RESERVED = "reserved"  # not present, but its space is kept (non-compact layouts)
+
+
+class Region(NamedTuple):
+    """A guest-physical range. ``reason`` says why a region is disabled or reserved."""
+
+    name: str
+    base: int
+    size: int
+    state: RegionState = RegionState.ENABLED
+    reason: str = ""
+
+    @property
+    def end(self) -> int:
+        """One past the last byte."""
+        return self.base + self.size
+
+    @property
+    def enabled(self) -> bool:
+        return self.state is RegionState.ENABLED
+
+    def describe_state(self) -> str:
+        if self.state is RegionState.ENABLED:
+            return "enabled"
+        return f"{self.state.value} ({self.reason})" if self.reason else self.state.value
+
+
+class MemoryMap(NamedTuple):
+    """A machine's planned address space, lowest base first."""
+
+    machine: str  # e.g. "leanvm-1", "virt-7.2"
+    pa_bits: int
+    regions: tuple[Region, ...]
+    highest_gpa: int  # the highest guest-physical address the machine reports (inclusive)
+    properties: tuple[tuple[str, str], ...] = ()  # effective settings, for display
+
+    def get(self, name: str) -> Region:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise KeyError(name)
+
+    def enabled(self) -> tuple[Region, ...]:
+        return tuple(r for r in self.regions if r.enabled)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "machine": self.machine,
+            "pa_bits": self.pa_bits,
+            "highest_gpa": self.highest_gpa,
+            "properties": dict(self.properties),
+            "regions": [{"name": r.name, "base": r.base, "end": r.end, "size": r.size,
+                         "state": r.state.value, "reason": r.reason} for r in self.regions],
+        }
+
+
+def round_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def parse_switch(name: str, text: str) -> bool:
+    """QEMU-style boolean property values."""
+    lowered = text.strip().lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    from leanvm.errors import ConfigError
+
+    raise ConfigError(f"bad value {text!r} for {name}: expected on or off")
