@@ -48,3 +48,16 @@ def test_errors_are_one_line(args: list[str], message: str) -> None:
     done = leanvm("memmap", *args)
     assert done.returncode == 2
     assert message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_virt_from_the_command_line() -> None:
+    done = leanvm("memmap", "--machine", "virt-7.2", "-m", "4G,maxmem=511G",
+                  "--set", "highmem-redists=off", "--set", "highmem-ecam=off", "--pa-bits", "40")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
+    assert rows["high-pcie-mmio"][1:5] == ["0x8000000000", "0xffffffffff", "512G", "enabled"]
+    assert rows["high-pcie-ecam"][4:] == ["disabled", "(highmem-ecam=off)"]
+    assert "highest address 0xffffffffff" in done.stdout.splitlines()[0]
+    failed = leanvm("memmap", "--machine", "virt", "-m", "1G,maxmem=2000G", "--pa-bits", "40")
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("leanvm: error: Addressing limited to 40 bits")

@@ -19,7 +19,7 @@ def test_help_lists_commands() -> None:
     assert done.returncode == 0
     assert "run" in done.stdout and "version" in done.stdout
     run_help = leanvm("run", "--help")
-    assert "-m SIZE, --memory SIZE" in run_help.stdout
+    assert "-m SIZE[,maxmem=SIZE][,slots=N]" in run_help.stdout
 
 
 def test_version_flag() -> None:
