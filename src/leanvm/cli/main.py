@@ -13,13 +13,14 @@ DESCRIPTION = "leanvm: a lean virtual machine monitor on Linux KVM"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from leanvm.cli import memmap, run, version
+    from leanvm.cli import flash, memmap, run, version
 
     parser = argparse.ArgumentParser(prog="leanvm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"leanvm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     memmap.add_parser(sub)
+    flash.add_parser(sub)
     version.add_parser(sub)
     return parser
 

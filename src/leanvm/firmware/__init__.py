@@ -1,0 +1,1 @@
+"""Firmware flash images: analysis (extents, zero and 0xff runs, UEFI volumes) and packing."""
