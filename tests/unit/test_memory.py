@@ -129,3 +129,18 @@ def test_private_file_mapping_is_copy_on_write(tmp_path) -> None:
 def test_missing_file_names_the_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="nope: cannot open"):
         map_file(str(tmp_path / "nope"), PAGE_SIZE, writable=False, shared=False)
+
+
+def test_page_cache_pages_are_not_private_even_when_mapped_once(tmp_path) -> None:
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(4 * PAGE_SIZE))
+    mapping = map_file(str(image), 4 * PAGE_SIZE, writable=True, shared=False)
+    view = mapping.view()
+    assert sum(view[i * PAGE_SIZE] for i in range(4)) >= 0  # fault every page in
+    (item,) = measure([("f", mapping.address, mapping.size)])
+    assert (item.resident, item.private) == (4 * PAGE_SIZE, 0)
+    view[0:1] = b"x"  # copy-on-write: this page is now the VM's own
+    (item,) = measure([("f", mapping.address, mapping.size)])
+    assert (item.resident, item.private) == (4 * PAGE_SIZE, PAGE_SIZE)
+    view.release()
+    mapping.unmap()

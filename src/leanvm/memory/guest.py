@@ -93,9 +93,10 @@ class GuestMemory:
         region = self.find(address, len(data))
         if region.readonly and not force:
             raise GuestError(f"guest address {address:#x} is in read-only region {region.name}")
-        if not region.mapping.writable:
-            raise GuestError(f"region {region.name} is backed by a read-only host mapping")
         offset = address - region.base
+        if offset + len(data) > region.mapping.writable_limit:
+            raise GuestError(f"region {region.name} is backed by read-only host memory at "
+                             f"{address:#x}")
         region.view[offset:offset + len(data)] = data
 
     def read_int(self, address: int, size: int) -> int:

@@ -13,6 +13,8 @@ from leanvm.errors import ConfigError, LeanvmError
 PAGE_SIZE = mmap.PAGESIZE
 MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_NORESERVE = 0x4000  # do not reserve swap for this mapping
+PROT_NONE = 0  # a reservation: no access until something is mapped over it
+MAP_FIXED = 0x10  # place the mapping exactly at the address given (over a reservation)
 MADV_DONTNEED = 4  # drop the pages; anonymous memory reads as zero afterwards
 
 
@@ -30,15 +32,17 @@ def _libc() -> ctypes.CDLL:
 class HostMapping:
     """A range of this process's address space backing guest memory."""
 
-    __slots__ = ("address", "size", "writable", "shared", "path")
+    __slots__ = ("address", "size", "writable", "shared", "path", "writable_limit")
 
     def __init__(self, address: int, size: int, *, writable: bool, shared: bool,
-                 path: str | None = None) -> None:
+                 path: str | None = None, writable_limit: int | None = None) -> None:
         self.address = address
         self.size = size  # 0 once unmapped
         self.writable = writable
         self.shared = shared
         self.path = path
+        # bytes from the start that may be written (a flash bank's erased tail may not)
+        self.writable_limit = (size if writable else 0) if writable_limit is None else writable_limit
 
     def __repr__(self) -> str:
         return (f"HostMapping(address={self.address:#x}, size={self.size:#x}, "
@@ -96,3 +100,83 @@ def map_file(path: str, size: int, *, offset: int = 0, writable: bool, shared: b
 def _check_size(size: int) -> None:
     if size <= 0 or size % PAGE_SIZE:
         raise ConfigError(f"memory size {size} must be a positive multiple of {PAGE_SIZE}")
+
+
+ERASED_CHUNK = 2 << 20  # the shared erased-flash file is this big and mapped repeatedly
+ERASED_NAME = "leanvm-erased-v1-2M"
+
+
+def erased_source() -> str:
+    """Path of a file of 0xFF bytes in shared memory (tmpfs), made once per host and mapped
+    read-only by every VM: erased flash then costs its page cache once per host, not per VM."""
+    for directory in ("/dev/shm", os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
+        if not directory or not os.path.isdir(directory):
+            continue
+        path = os.path.join(directory, ERASED_NAME)
+        try:
+            if os.path.getsize(path) == ERASED_CHUNK:
+                return path
+        except OSError:
+            pass
+        temp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(b"\xff" * ERASED_CHUNK)
+            os.chmod(temp, 0o444)
+            os.replace(temp, path)  # whole or not at all, even with VMs starting in parallel
+            return path
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+    raise LeanvmError("cannot create the shared erased-flash file in /dev/shm, "
+                      "$XDG_RUNTIME_DIR or /tmp")
+
+
+def map_flash_bank(bank_size: int, image: str | None, image_size: int, *,
+                   writable: bool) -> HostMapping:
+    """A flash bank's host memory: ``image_size`` bytes of the image file (private: writes
+    stay in this process), then erased flash (0xFF) from the shared file up to
+    ``bank_size``. Nothing is read now; pages cost only when touched."""
+    _check_size(bank_size)
+    if image_size % PAGE_SIZE or not 0 <= image_size <= bank_size:
+        raise ConfigError(f"{image}: image size {image_size} must be a multiple of {PAGE_SIZE} "
+                          f"no larger than the bank ({bank_size})")
+    libc = _libc()
+    base = libc.mmap(None, bank_size, PROT_NONE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if base in (None, MAP_FAILED):
+        raise LeanvmError(f"cannot reserve {bank_size} bytes for a flash bank: "
+                          f"{os.strerror(ctypes.get_errno())}")
+    mapping = HostMapping(base, bank_size, writable=writable, shared=False, path=image,
+                          writable_limit=image_size if writable else 0)
+    try:
+        if image_size:
+            assert image is not None
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            _map_fixed(base, image_size, prot, image)
+        tail = bank_size - image_size
+        if tail:
+            source = erased_source()
+            for offset in range(image_size, bank_size, ERASED_CHUNK):
+                _map_fixed(base + offset, min(ERASED_CHUNK, bank_size - offset), mmap.PROT_READ,
+                           source)
+    except BaseException:
+        mapping.unmap()
+        raise
+    return mapping
+
+
+def _map_fixed(address: int, length: int, prot: int, path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open ({exc.strerror})") from None
+    try:
+        got = _libc().mmap(address, length, prot, mmap.MAP_PRIVATE | MAP_FIXED, fd, 0)
+        if got != address:
+            raise ConfigError(f"{path}: cannot map {length} bytes: "
+                              f"{os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)

@@ -1,8 +1,11 @@
 """How much host memory guest regions really cost, page by page from /proc/<pid>/pagemap.
 
-resident: pages of the range present in host RAM. private: resident pages mapped by this
-process alone (pagemap bit 56, "exclusively mapped"): what this VM alone costs; the rest of
-the resident pages are shared (page cache of a read-only image, pages shared with another VM).
+resident: pages of the range present in host RAM. private: resident anonymous pages that
+this process alone maps (pagemap bit 56, "exclusively mapped", without bit 61, "file page or
+shared anonymous"): memory this VM alone owns, such as RAM it touched or its copy-on-write
+copies of flash blocks it wrote. The rest of the resident pages are shared: page cache of
+image files (which outlives the VM and serves every VM mapping the same file) and shared
+memory.
 pagemap works per page, so adjacent mappings the kernel merged into one VMA are still told
 apart (smaps cannot do that).
 """
@@ -34,14 +37,14 @@ class Residency(NamedTuple):
 
 
 def count_pages(entries: Iterable[int]) -> tuple[int, int]:
-    """(present pages, present and exclusive pages) among pagemap entries."""
-    present = exclusive = 0
+    """(present pages, present anonymous pages mapped only here) among pagemap entries."""
+    present = owned = 0
     for entry in entries:
         if entry & PM_PRESENT:
             present += 1
-            if entry & PM_EXCLUSIVE:
-                exclusive += 1
-    return present, exclusive
+            if entry & PM_EXCLUSIVE and not entry & PM_FILE_OR_SHARED_ANON:
+                owned += 1
+    return present, owned
 
 
 def measure(regions: Iterable[tuple[str, int, int]], pid: int | str = "self") -> list[Residency]:
