@@ -16,6 +16,7 @@ def test_leanvm_1_is_pinned() -> None:
     got = {r.name: (r.base, r.size, r.state.value) for r in plan.regions}
     assert got == {
         "ram-low": (0, 3 * GiB, "enabled"),
+        "flash-large": (0xC000_0000, 128 * MiB, "enabled"),
         "platform": (0xD000_0000, 16 * MiB, "enabled"),
         "ioapic": (0xFEC0_0000, 0x1000, "enabled"),
         "lapic": (0xFEE0_0000, 0x1000, "enabled"),

@@ -34,6 +34,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="stop the guest after this many seconds")
     parser.add_argument("--cpu-hide", default="", metavar="FEATURES",
                         help="comma-separated CPUID features to hide, e.g. xsave,avx")
+    parser.add_argument("--flash", action="append", default=[], metavar="ROLE=FILE[,OPT=V...]",
+                        help="firmware flash bank: code=FILE (bank 0, read-only by default) or "
+                             "vars=FILE (bank 1, mode=persistent by default); options mode="
+                             "readonly|persistent|ephemeral, geometry=pc|virt, size=SIZE")
+    parser.add_argument("-drive", action="append", default=[], metavar="if=pflash,file=F,...",
+                        help="QEMU-style flash: if=pflash,format=raw,file=FILE[,readonly=on]; "
+                             "the first is bank 0 (code), the second bank 1 (vars)")
+    parser.add_argument("--max-fw-size", default="8M", metavar="SIZE",
+                        help="combined limit of pc flash banks (default 8M, at most 16M)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
                         help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
@@ -50,7 +59,11 @@ def handle(args: argparse.Namespace) -> int:
     from leanvm.cli.memmap import parse_settings
 
     hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
-    config = MachineConfig(memory=args.memory, guest=args.guest, machine=args.machine,
+    from leanvm.machine.flash import parse_drive_option, parse_flash_option
+
+    flash = [parse_flash_option(text) for text in args.flash]
+    flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
+    config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size, guest=args.guest, machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,
                            hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
                            kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))

@@ -2,6 +2,7 @@
 
 leanvm-1, from the bottom:
   ram-low        RAM from 0 up to 3 GiB (or all of RAM if less)
+  flash-large    0xC000_0000, 128 MiB: two 64 MiB flash banks in the arm virt geometry
   platform       0xD000_0000, 16 MiB: virtio-mmio and platform devices (4 KiB slots)
   ioapic         0xFEC0_0000, 4 KiB
   lapic          0xFEE0_0000, 4 KiB
@@ -49,6 +50,7 @@ VERSIONS: dict[str, X86Version] = {
     "leanvm-1": X86Version(
         low_ram_limit=3 * GiB,
         fixed=(
+            FixedRegion("flash-large", 0xC000_0000, 128 * MiB),
             FixedRegion("platform", 0xD000_0000, 16 * MiB),
             FixedRegion("ioapic", 0xFEC0_0000, 4 * KiB),
             FixedRegion("lapic", 0xFEE0_0000, 4 * KiB),

@@ -41,21 +41,65 @@ def setup_kvm_private(vm: Vm, plan: MemoryMap) -> None:
         vm.set_tss_addr(region.base + 0x1000)
 
 
+class Slot(NamedTuple):
+    number: int
+    gpa: int
+    size: int
+    host_address: int
+    readonly: bool
+
+
 class Memslots:
-    """Assigns KVM memslot numbers to guest regions."""
+    """Assigns KVM memslot numbers to guest regions and keeps them in step with the plan:
+    a region may be unmapped and mapped again (flash leaving and entering read-array mode),
+    and an alias may punch a window into a region mapped before it (the ISA BIOS window)."""
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.next_slot = 0
-        self.slots: dict[str, int] = {}
+        self.slots: dict[str, list[Slot]] = {}
+        self.present: dict[str, bool] = {}
 
-    def add(self, region: GuestRegion) -> int:
-        slot = self.next_slot
+    def _create(self, gpa: int, size: int, host: int, readonly: bool) -> Slot:
+        slot = Slot(self.next_slot, gpa, size, host, readonly)
         self.next_slot += 1
-        self.vm.set_memory_region(slot, region.base, region.size, region.mapping.address,
-                                  readonly=region.readonly)
-        self.slots[region.name] = slot
+        self.vm.set_memory_region(slot.number, gpa, size, host, readonly=readonly)
         return slot
+
+    def add(self, region: GuestRegion) -> None:
+        self.slots[region.name] = [self._create(region.base, region.size, region.mapping.address,
+                                                region.readonly)]
+        self.present[region.name] = True
+
+    def add_alias(self, name: str, gpa: int, size: int, host_address: int) -> None:
+        """Map ``size`` bytes of host memory read-only at ``gpa``, over whatever is there."""
+        end = gpa + size
+        for owner, slots in self.slots.items():
+            kept: list[Slot] = []
+            for slot in slots:
+                if slot.gpa >= end or slot.gpa + slot.size <= gpa:
+                    kept.append(slot)
+                    continue
+                self.vm.set_memory_region(slot.number, slot.gpa, 0, slot.host_address)
+                if slot.gpa < gpa:
+                    kept.append(self._create(slot.gpa, gpa - slot.gpa, slot.host_address,
+                                             slot.readonly))
+                if slot.gpa + slot.size > end:
+                    offset = end - slot.gpa
+                    kept.append(self._create(end, slot.size - offset, slot.host_address + offset,
+                                             slot.readonly))
+            self.slots[owner] = kept
+        self.slots[name] = [self._create(gpa, size, host_address, True)]
+        self.present[name] = True
+
+    def set_present(self, name: str, present: bool) -> None:
+        """Unmap (reads and writes then exit as MMIO) or map back a region's memslots."""
+        if self.present.get(name) == present:
+            return
+        for slot in self.slots[name]:
+            self.vm.set_memory_region(slot.number, slot.gpa, slot.size if present else 0,
+                                      slot.host_address, readonly=slot.readonly)
+        self.present[name] = present
 
 
 class Platform(NamedTuple):

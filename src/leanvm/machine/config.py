@@ -92,13 +92,14 @@ class MachineConfig:
     """
 
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
-                 "slots", "machine", "pa_bits", "layout")
+                 "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
                  hide_cpu_features: tuple[str, ...] = (), kvm_path: str = "/dev/kvm",
                  maxmem: int | str | None = None, slots: int = 0, machine: str = "leanvm",
-                 pa_bits: int | None = None, layout: tuple[tuple[str, str], ...] = ()) -> None:
+                 pa_bits: int | None = None, layout: tuple[tuple[str, str], ...] = (),
+                 flash: tuple = (), max_fw_size: int | str = 8 * MiB) -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -121,6 +122,9 @@ class MachineConfig:
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
         self.pa_bits: int | None = pa_bits  # None: from the vCPU's CPUID
         self.layout: tuple[tuple[str, str], ...] = tuple(layout)  # memory-map switches
+        self.flash: tuple = tuple(flash)  # machine.flash.FlashSpec values, any order
+        self.max_fw_size: int = (parse_size(max_fw_size, "max-fw-size", "B")
+                                 if isinstance(max_fw_size, str) else max_fw_size)
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)

@@ -133,6 +133,12 @@ class Machine:
 
         self.platform: Platform = build_platform(self._serial_output, self.vm.irq_line,
                                                  self._on_reset, self._on_guest_exit)
+        self.flash_banks: list = []
+        if config.flash:
+            from leanvm.machine.flash import build_flash
+
+            self.flash_banks = build_flash(config.flash, self.plan, self.memory, self.memslots,
+                                           self.platform.mmio, config.max_fw_size)
         self.vcpu = self.vm.create_vcpu(0)
         boot = load_bare(self.memory, image, config.args)
         setup_long_mode(self.vcpu, boot, cpuid)
@@ -221,8 +227,11 @@ class Machine:
     def close(self) -> None:
         if self.state is RunState.CLOSED:
             return
-        if self.state is not RunState.CREATED:
-            self.memory.close()
+        for bank in getattr(self, "flash_banks", ()):
+            bank.close()
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.close()
         for item in self._closables:
             item.close()
         self._closables.clear()
