@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "the first is bank 0 (code), the second bank 1 (vars)")
     parser.add_argument("--max-fw-size", default="8M", metavar="SIZE",
                         help="combined limit of pc flash banks (default 8M, at most 16M)")
+    parser.add_argument("-S", dest="paused", action="store_true",
+                        help="build the VM but do not start the vCPU; wait for SIGTERM or Ctrl-C "
+                             "(as QEMU's -S), e.g. to measure what an idle VM costs")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
                         help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
@@ -72,6 +75,8 @@ def handle(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"bad --timeout {args.timeout}: expected a positive number of seconds")
     with Machine(config) as machine:
+        if args.paused:
+            return _wait_paused(machine, args.quiet)
         result = machine.run(timeout=args.timeout)
         if args.stats_json:
             _write_stats(args.stats_json, result, machine)
@@ -98,3 +103,15 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
         path.write_text(json.dumps(data, indent=1) + "\n")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write stats ({exc.strerror})") from None
+
+
+def _wait_paused(machine: object, quiet: bool) -> int:
+    import signal
+
+    if not quiet:
+        print("leanvm: VM built, vCPU not started (-S); waiting for SIGTERM or Ctrl-C",
+              file=sys.stderr, flush=True)
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
+    return 0

@@ -39,7 +39,7 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
                       human(item.resident), human(item.private))
         total_resident += item.resident
         total_private += item.private
-    table.add_row("total", "", human(machine.memory.ram_size), human(total_resident),
+    table.add_row("total", "", human(sum(r.size for r in regions.values())), human(total_resident),
                   human(total_private))
     console.print("  host memory by region:")
     console.print(table)
