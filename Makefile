@@ -31,6 +31,7 @@ bench: $(STAMP)
 	scripts/install-deps bench
 	$(PY) bench/exit_cost.py
 	$(PY) bench/startup.py
+	$(PY) bench/flash_memory.py
 
 # Rebuild the bundled demo guest from tests/guests/programs/demo.c.
 demo-guest: $(STAMP)
