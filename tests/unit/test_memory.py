@@ -144,3 +144,26 @@ def test_page_cache_pages_are_not_private_even_when_mapped_once(tmp_path) -> Non
     assert (item.resident, item.private) == (4 * PAGE_SIZE, PAGE_SIZE)
     view.release()
     mapping.unmap()
+
+
+def test_flash_bank_holes_read_as_zero_and_cost_nothing(tmp_path) -> None:
+    from leanvm.firmware.image import data_extents
+    from leanvm.memory.host import map_flash_bank
+
+    image = tmp_path / "sparse.fd"
+    with open(image, "wb") as handle:
+        handle.write(b"\x42" * PAGE_SIZE)
+        handle.truncate(64 * PAGE_SIZE)  # 63 pages of hole
+    fd = os.open(image, os.O_RDONLY)
+    extents = [(e.offset, e.length) for e in data_extents(fd, 64 * PAGE_SIZE)]
+    os.close(fd)
+    bank = map_flash_bank(128 * PAGE_SIZE, str(image), 64 * PAGE_SIZE, writable=False,
+                          data_extents=extents)
+    view = bank.view()
+    assert bytes(view[:4]) == b"\x42" * 4
+    assert bytes(view[PAGE_SIZE:64 * PAGE_SIZE]) == bytes(63 * PAGE_SIZE)  # read every hole
+    assert bytes(view[64 * PAGE_SIZE:]) == b"\xff" * (64 * PAGE_SIZE)  # erased tail
+    (item,) = measure([("bank", bank.address, bank.size)])
+    assert item.private == 0  # zero page, page cache, shared erased file: nothing of its own
+    view.release()
+    bank.unmap()

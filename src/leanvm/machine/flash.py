@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from leanvm.devices.pflash import GEOMETRIES, CfiFlash, FlashGeometry
 from leanvm.errors import ConfigError
 from leanvm.firmware import journal
+from leanvm.firmware.image import data_extents
 from leanvm.layout.region import MemoryMap
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import map_flash_bank
@@ -115,7 +116,13 @@ class FlashBank:
         writable = spec.mode != "readonly"
         if spec.mode == "persistent":
             journal.recover(spec.path)  # finish or drop a write group a crash interrupted
-        mapping = map_flash_bank(size, str(spec.path), image_size, writable=writable)
+        fd = os.open(spec.path, os.O_RDONLY)
+        try:
+            extents = [(e.offset, e.length) for e in data_extents(fd, image_size)]
+        finally:
+            os.close(fd)
+        mapping = map_flash_bank(size, str(spec.path), image_size, writable=writable,
+                                 data_extents=extents)
         self.region = GuestRegion(self.name, base, mapping, RegionKind.ROM, readonly=True)
         self.dirty: set[int] = set()
         self.flushes = 0

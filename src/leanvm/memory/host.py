@@ -134,11 +134,14 @@ def erased_source() -> str:
                       "$XDG_RUNTIME_DIR or /tmp")
 
 
-def map_flash_bank(bank_size: int, image: str | None, image_size: int, *,
-                   writable: bool) -> HostMapping:
+def map_flash_bank(bank_size: int, image: str | None, image_size: int, *, writable: bool,
+                   data_extents: list[tuple[int, int]] | None = None) -> HostMapping:
     """A flash bank's host memory: ``image_size`` bytes of the image file (private: writes
     stay in this process), then erased flash (0xFF) from the shared file up to
-    ``bank_size``. Nothing is read now; pages cost only when touched."""
+    ``bank_size``. Nothing is read now; pages cost only when touched. With
+    ``data_extents`` ((offset, length) of the file's allocated ranges), the file's holes are
+    mapped as anonymous memory instead, which reads as zeros from the kernel's shared zero
+    page: holes then cost nothing even when the guest reads them."""
     _check_size(bank_size)
     if image_size % PAGE_SIZE or not 0 <= image_size <= bank_size:
         raise ConfigError(f"{image}: image size {image_size} must be a multiple of {PAGE_SIZE} "
@@ -156,6 +159,9 @@ def map_flash_bank(bank_size: int, image: str | None, image_size: int, *,
             assert image is not None
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             _map_fixed(base, image_size, prot, image)
+            if data_extents is not None:
+                for start, length in _holes(data_extents, image_size):
+                    _map_zero(base + start, length, prot)
         tail = bank_size - image_size
         if tail:
             source = erased_source()
@@ -166,6 +172,26 @@ def map_flash_bank(bank_size: int, image: str | None, image_size: int, *,
         mapping.unmap()
         raise
     return mapping
+
+
+def _holes(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Whole pages of [0, size) outside every extent (extents rounded out to pages)."""
+    holes, cursor = [], 0
+    for offset, length in sorted(extents):
+        start = offset // PAGE_SIZE * PAGE_SIZE
+        if start > cursor:
+            holes.append((cursor, start - cursor))
+        cursor = max(cursor, -(-(offset + length) // PAGE_SIZE) * PAGE_SIZE)
+    if cursor < size:
+        holes.append((cursor, size - cursor))
+    return [(start, min(length, size - start)) for start, length in holes if start < size]
+
+
+def _map_zero(address: int, length: int, prot: int) -> None:
+    got = _libc().mmap(address, length, prot,
+                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
+    if got != address:
+        raise LeanvmError(f"cannot map {length} bytes of zeros: {os.strerror(ctypes.get_errno())}")
 
 
 def _map_fixed(address: int, length: int, prot: int, path: str) -> None:
