@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("-drive", action="append", default=[], metavar="if=pflash,file=F,...",
                         help="QEMU-style flash: if=pflash,format=raw,file=FILE[,readonly=on]; "
                              "the first is bank 0 (code), the second bank 1 (vars)")
+    parser.add_argument("--bios", type=Path, metavar="FILE",
+                        help="boot firmware (e.g. /usr/share/seabios/bios.bin) from flash bank 0 "
+                             "at the reset vector instead of a bare guest")
+    parser.add_argument("-debugcon", "--debugcon", default="none", metavar="MODE",
+                        help="firmware debug console (port 0x402): stdio, file:PATH or none "
+                             "(default: kept in memory)")
     parser.add_argument("--max-fw-size", default="8M", metavar="SIZE",
                         help="combined limit of pc flash banks (default 8M, at most 16M)")
     parser.add_argument("-S", dest="paused", action="store_true",
@@ -66,7 +72,8 @@ def handle(args: argparse.Namespace) -> int:
 
     flash = [parse_flash_option(text) for text in args.flash]
     flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
-    config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size, guest=args.guest, machine=args.machine,
+    config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
+                           bios=args.bios, debugcon=args.debugcon, guest=args.guest, machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,
                            hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
                            kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))

@@ -6,9 +6,14 @@ from __future__ import annotations
 from typing import NamedTuple
 from collections.abc import Callable
 
+from leanvm.devices import fw_cfg as fw
 from leanvm.devices.bus import Bus
+from leanvm.devices.cmos import Cmos
 from leanvm.devices.debug_exit import DebugExit
+from leanvm.devices.debugcon import DEBUGCON_PORT, DebugCon
+from leanvm.devices.fw_cfg import FwCfg
 from leanvm.devices.i8042 import I8042
+from leanvm.devices.port92 import Port92
 from leanvm.devices.serial import Serial16550
 from leanvm.kvm.vm import Vm
 from leanvm.layout.region import MemoryMap
@@ -108,16 +113,51 @@ class Platform(NamedTuple):
     serial: Serial16550
     i8042: I8042
     debug_exit: DebugExit
+    cmos: Cmos
+    port92: Port92
+    debugcon: DebugCon
+    fw_cfg: FwCfg
 
 
-def build_platform(output: Callable[[bytes], None], irq_line: Callable[[int, bool], None],
-                   on_reset: Callable[[], None], on_exit: Callable[[int], None]) -> Platform:
+E820_RAM, E820_RESERVED = 1, 2
+
+
+def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes], None],
+                   debug_output: Callable[[bytes], None],
+                   irq_line: Callable[[int, bool], None], on_reset: Callable[[], None],
+                   on_exit: Callable[[int], None]) -> Platform:
     pio = Bus("pio", 0x10000)
     mmio = Bus("mmio", 1 << 52)
     serial = Serial16550(output, lambda level: irq_line(COM1_IRQ, level))
     i8042 = I8042(on_reset)
     debug_exit = DebugExit(on_exit)
+    low = plan.get("ram-low").size
+    high = plan.get("ram-high").size if any(r.name == "ram-high" for r in plan.enabled()) else 0
+    cmos = Cmos(low, high)
+    port92 = Port92(on_reset)
+    debugcon = DebugCon(debug_output)
+    config = build_fw_cfg(plan, memory)
     pio.register(COM1_PORT, 8, serial, "com1")
     pio.register(I8042_PORT, 5, i8042, "i8042")
     pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
-    return Platform(pio, mmio, serial, i8042, debug_exit)
+    pio.register(0x70, 2, cmos, "cmos")
+    pio.register(0x92, 1, port92, "port92")
+    pio.register(DEBUGCON_PORT, 1, debugcon, "debugcon")
+    pio.register(fw.PORT_BASE, fw.PORT_SIZE, config, "fw_cfg")
+    return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config)
+
+
+def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:
+    """What firmware asks fw_cfg for: RAM size, CPU counts, the e820 map."""
+    import struct
+
+    config = FwCfg(memory)
+    config.add_u64(fw.RAM_SIZE, memory.ram_size)
+    config.add(fw.NB_CPUS, struct.pack("<H", cpus))
+    config.add(fw.MAX_CPUS, struct.pack("<H", cpus))
+    entries = [(r.base, r.size, E820_RAM) for r in plan.enabled() if r.name.startswith("ram")]
+    private = plan.get("kvm-private")
+    if private.enabled:
+        entries.append((private.base, private.size, E820_RESERVED))
+    config.add_file("etc/e820", b"".join(struct.pack("<QQI", *e) for e in sorted(entries)))
+    return config

@@ -92,14 +92,17 @@ class MachineConfig:
     """
 
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
-                 "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size")
+                 "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
+                 "debugcon")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
                  hide_cpu_features: tuple[str, ...] = (), kvm_path: str = "/dev/kvm",
                  maxmem: int | str | None = None, slots: int = 0, machine: str = "leanvm",
                  pa_bits: int | None = None, layout: tuple[tuple[str, str], ...] = (),
-                 flash: tuple = (), max_fw_size: int | str = 8 * MiB) -> None:
+                 flash: tuple = (), max_fw_size: int | str = 8 * MiB,
+                 bios: Path | str | None = None, debugcon: SerialConfig | str = SerialConfig()
+                 ) -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -125,6 +128,11 @@ class MachineConfig:
         self.flash: tuple = tuple(flash)  # machine.flash.FlashSpec values, any order
         self.max_fw_size: int = (parse_size(max_fw_size, "max-fw-size", "B")
                                  if isinstance(max_fw_size, str) else max_fw_size)
+        self.bios: Path | None = Path(bios) if bios is not None else None  # firmware in flash
+        self.debugcon: SerialConfig = (SerialConfig.parse(debugcon) if isinstance(debugcon, str)
+                                       else debugcon)  # where port 0x402 output goes
+        if self.bios is not None and self.guest is not None:
+            raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)

@@ -97,6 +97,8 @@ class Machine:
         self.state = RunState.CREATED
         self.process_start_ns = process_start_ns()
         self._console = bytearray()
+        self._debug_console = bytearray()
+        self._debug_stream: BinaryIO | None = None
         self._control = LoopControl()
         self._closables: list[Any] = []
         self._output: BinaryIO | None = None
@@ -115,7 +117,7 @@ class Machine:
         from leanvm.machine.cpu import setup_long_mode
 
         config = self.config
-        image = load_image(config.guest or demo_guest_path())  # fail early on a bad file
+        image = None if config.bios else load_image(config.guest or demo_guest_path())
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
         cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
@@ -131,17 +133,28 @@ class Machine:
         for region in self.memory.regions:
             self.memslots.add(region)
 
-        self.platform: Platform = build_platform(self._serial_output, self.vm.irq_line,
+        self.platform: Platform = build_platform(self.plan, self.memory, self._serial_output,
+                                                 self._debug_output, self.vm.irq_line,
                                                  self._on_reset, self._on_guest_exit)
         self.flash_banks: list = []
-        if config.flash:
+        flash = config.flash
+        if config.bios is not None:
+            from leanvm.machine.flash import FlashSpec
+
+            if any(spec.role == "code" for spec in flash):
+                raise ConfigError("give either --bios or a code flash bank, not both")
+            flash = (FlashSpec("code", config.bios, "readonly"), *flash)
+        if flash:
             from leanvm.machine.flash import build_flash
 
-            self.flash_banks = build_flash(config.flash, self.plan, self.memory, self.memslots,
+            self.flash_banks = build_flash(flash, self.plan, self.memory, self.memslots,
                                            self.platform.mmio, config.max_fw_size)
         self.vcpu = self.vm.create_vcpu(0)
-        boot = load_bare(self.memory, image, config.args)
-        setup_long_mode(self.vcpu, boot, cpuid)
+        if image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
+            self.vcpu.set_cpuid(cpuid)
+        else:
+            boot = load_bare(self.memory, image, config.args)
+            setup_long_mode(self.vcpu, boot, cpuid)
         self.image = image
         self.state = RunState.READY
         return self
@@ -255,6 +268,19 @@ class Machine:
         self._control.request(Stop(StopReason.GUEST_EXIT,
                                    f"the guest exited with status {status}", status))
 
+    def _debug_output(self, data: bytes) -> None:
+        if self._debug_stream is not None:
+            self._debug_stream.write(data)
+        console = self._debug_console
+        console += data
+        if len(console) > 2 * CONSOLE_KEEP:
+            del console[:-CONSOLE_KEEP]
+
+    @property
+    def debug_console(self) -> bytes:
+        """What firmware wrote to the debug console (port 0x402), the last 1 MiB."""
+        return bytes(self._debug_console)
+
     def _serial_output(self, data: bytes) -> None:
         console = self._console
         console += data
@@ -265,6 +291,16 @@ class Machine:
 
     # --- serial wiring -----------------------------------------------------------------
     def _open_serial(self) -> None:
+        debugcon = self.config.debugcon
+        if debugcon.mode == "stdio":
+            self._debug_stream = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+        elif debugcon.mode == "file":
+            assert debugcon.path is not None
+            try:
+                self._debug_stream = open(debugcon.path, "wb", buffering=0)
+            except OSError as exc:
+                raise ConfigError(f"{debugcon.path}: cannot open for debugcon output "
+                                  f"({exc.strerror})") from None
         serial = self.config.serial
         if serial.mode == "stdio":
             self._output = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
@@ -278,6 +314,9 @@ class Machine:
                                   f"({exc.strerror})") from None
 
     def _close_serial(self) -> None:
+        if self._debug_stream is not None:
+            self._debug_stream.close()
+            self._debug_stream = None
         if self._restore_tty is not None:
             self._restore_tty()
             self._restore_tty = None
