@@ -32,8 +32,9 @@ def port_read(dev: FwCfg, key: int, count: int) -> bytes:
 def dma(dev: FwCfg, memory: GuestMemory, control: int, length: int, address: int,
         at: int = 0x1000) -> int:
     memory.write(at, fw_cfg.DESCRIPTOR.pack(control, length, address))
-    dev.write(fw_cfg.DMA_ADDRESS, 4, at >> 32)
-    dev.write(fw_cfg.DMA_ADDRESS + 4, 4, at & 0xFFFFFFFF)
+    be32 = lambda v: int.from_bytes(v.to_bytes(4, "big"), "little")  # what outl(cpu_to_be32(v)) puts on the bus
+    dev.write(fw_cfg.DMA_ADDRESS, 4, be32(at >> 32))
+    dev.write(fw_cfg.DMA_ADDRESS + 4, 4, be32(at & 0xFFFFFFFF))
     return struct.unpack(">I", memory.read(at, 4))[0]
 
 
@@ -41,8 +42,8 @@ def test_signature_id_and_dma_register(memory: GuestMemory) -> None:
     dev = FwCfg(memory)
     assert port_read(dev, fw_cfg.SIGNATURE, 4) == b"QEMU"
     assert port_read(dev, fw_cfg.ID, 4) == struct.pack("<I", 3)
-    assert dev.read(fw_cfg.DMA_ADDRESS, 4) == 0x51454D55  # "QEMU"
-    assert dev.read(fw_cfg.DMA_ADDRESS + 4, 4) == 0x20434647  # " CFG"
+    assert dev.read(fw_cfg.DMA_ADDRESS, 4).to_bytes(4, "little") == b"QEMU"
+    assert dev.read(fw_cfg.DMA_ADDRESS + 4, 4).to_bytes(4, "little") == b" CFG"
 
 
 def test_file_directory(memory: GuestMemory) -> None:
@@ -110,7 +111,7 @@ def test_dma_outside_ram_sets_error_and_touches_nothing(memory: GuestMemory) -> 
     assert dma(dev, memory, control, 4096, RAM - 100) == fw_cfg.CTL_ERROR
     assert memory.read(RAM - 100, 100) == bytes(100)  # nothing written
     assert dma(dev, memory, control, 16, 1 << 40) == fw_cfg.CTL_ERROR
-    dev.write(fw_cfg.DMA_ADDRESS + 4, 4, RAM + 16)  # descriptor itself outside RAM
+    dev.write(fw_cfg.DMA_ADDRESS + 4, 4, int.from_bytes((RAM + 16).to_bytes(4, "big"), "little"))
     assert dev.dma_errors == 3
 
 
@@ -127,7 +128,7 @@ def test_hostile_descriptors_never_escape_guest_memory(control: int, length: int
         dev.add_file("etc/w", bytes(16), writable=True)
         if at + 16 <= RAM:
             mem.write(at, fw_cfg.DESCRIPTOR.pack(control, length % (4 * MiB), address))
-        dev.write(fw_cfg.DMA_ADDRESS + 4, 4, at)
+        dev.write(fw_cfg.DMA_ADDRESS + 4, 4, int.from_bytes(at.to_bytes(4, "big"), "little"))
         if at + 16 <= RAM:
             status = struct.unpack(">I", mem.read(at, 4))[0]
             assert status in (0, fw_cfg.CTL_ERROR)

@@ -5,7 +5,8 @@ selected item), DMA address at 0x514-0x51B (64-bit, big-endian; a write of the l
 at 0x518, or a 64-bit write at 0x514, starts a transfer). Reading the DMA register returns
 "QEMU CFG". Register the device at port 0x510 with size 12.
 
-A DMA descriptor {be32 control; be32 length; be64 address} lives in guest memory; control
+The DMA register is big-endian: the guest stores the address's bytes most significant
+first (cpu_to_be32 before outl). A DMA descriptor {be32 control; be32 length; be64 address} lives in guest memory; control
 bits ERROR 0x01, READ 0x02, SKIP 0x04, SELECT 0x08 (item key in bits 16-31), WRITE 0x10.
 On completion control becomes 0, or keeps ERROR. Every address and length the guest hands
 over is checked against guest memory: a descriptor or buffer outside it gets ERROR and
@@ -152,12 +153,14 @@ class FwCfg:
     def read(self, offset: int, size: int) -> int:
         if offset == DATA:
             return self._read_data(size)
-        if DMA_ADDRESS <= offset < DMA_ADDRESS + 8:
+        if DMA_ADDRESS <= offset < DMA_ADDRESS + 8:  # the bytes "QEMU CFG", in order
             start = offset - DMA_ADDRESS
-            return int.from_bytes(DMA_SIGNATURE[start:start + size].ljust(size, b"\0"), "big")
+            return int.from_bytes(DMA_SIGNATURE[start:start + size].ljust(size, b"\0"), "little")
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= DMA_ADDRESS:  # a big-endian register: the guest writes its bytes in order
+            value = int.from_bytes(value.to_bytes(size, "little"), "big")
         if offset == SELECTOR and size >= 2:
             self.select(value & KEY_MASK)
         elif offset == DATA:

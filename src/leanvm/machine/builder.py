@@ -13,6 +13,7 @@ from leanvm.devices.debug_exit import DebugExit
 from leanvm.devices.debugcon import DEBUGCON_PORT, DebugCon
 from leanvm.devices.fw_cfg import FwCfg
 from leanvm.devices.i8042 import I8042
+from leanvm.devices.pci import PciHost
 from leanvm.devices.port92 import Port92
 from leanvm.devices.serial import Serial16550
 from leanvm.kvm.vm import Vm
@@ -62,22 +63,25 @@ class Memslots:
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.next_slot = 0
+        self.free: list[int] = []
         self.slots: dict[str, list[Slot]] = {}
         self.present: dict[str, bool] = {}
 
     def _create(self, gpa: int, size: int, host: int, readonly: bool) -> Slot:
-        slot = Slot(self.next_slot, gpa, size, host, readonly)
-        self.next_slot += 1
+        if self.free:
+            number = self.free.pop()
+        else:
+            number, self.next_slot = self.next_slot, self.next_slot + 1
+        slot = Slot(number, gpa, size, host, readonly)
         self.vm.set_memory_region(slot.number, gpa, size, host, readonly=readonly)
         return slot
 
-    def add(self, region: GuestRegion) -> None:
-        self.slots[region.name] = [self._create(region.base, region.size, region.mapping.address,
-                                                region.readonly)]
-        self.present[region.name] = True
+    def _delete(self, slot: Slot) -> None:
+        self.vm.set_memory_region(slot.number, slot.gpa, 0, slot.host_address)
+        self.free.append(slot.number)
 
-    def add_alias(self, name: str, gpa: int, size: int, host_address: int) -> None:
-        """Map ``size`` bytes of host memory read-only at ``gpa``, over whatever is there."""
+    def punch(self, gpa: int, size: int) -> None:
+        """Take [gpa, gpa + size) out of every memslot mapped there (splitting them)."""
         end = gpa + size
         for owner, slots in self.slots.items():
             kept: list[Slot] = []
@@ -85,7 +89,7 @@ class Memslots:
                 if slot.gpa >= end or slot.gpa + slot.size <= gpa:
                     kept.append(slot)
                     continue
-                self.vm.set_memory_region(slot.number, slot.gpa, 0, slot.host_address)
+                self._delete(slot)
                 if slot.gpa < gpa:
                     kept.append(self._create(slot.gpa, gpa - slot.gpa, slot.host_address,
                                              slot.readonly))
@@ -94,8 +98,29 @@ class Memslots:
                     kept.append(self._create(end, slot.size - offset, slot.host_address + offset,
                                              slot.readonly))
             self.slots[owner] = kept
-        self.slots[name] = [self._create(gpa, size, host_address, True)]
+
+    def replace_group(self, name: str, pieces: list[tuple[int, int, int, bool]]) -> None:
+        """Make ``name`` exactly these (gpa, size, host address, readonly) memslots."""
+        old = {(s.gpa, s.size, s.host_address, s.readonly): s for s in self.slots.get(name, [])}
+        new = set(pieces)
+        keep = [slot for key, slot in old.items() if key in new]
+        for key, slot in old.items():
+            if key not in new:
+                self._delete(slot)
+        for piece in sorted(new - set(old)):
+            keep.append(self._create(*piece))
+        self.slots[name] = keep
         self.present[name] = True
+
+    def add(self, region: GuestRegion) -> None:
+        self.slots[region.name] = [self._create(region.base, region.size, region.mapping.address,
+                                                region.readonly)]
+        self.present[region.name] = True
+
+    def add_alias(self, name: str, gpa: int, size: int, host_address: int) -> None:
+        """Map ``size`` bytes of host memory read-only at ``gpa``, over whatever is there."""
+        self.punch(gpa, size)
+        self.replace_group(name, [(gpa, size, host_address, True)])
 
     def set_present(self, name: str, present: bool) -> None:
         """Unmap (reads and writes then exit as MMIO) or map back a region's memslots."""
@@ -117,6 +142,7 @@ class Platform(NamedTuple):
     port92: Port92
     debugcon: DebugCon
     fw_cfg: FwCfg
+    pci: PciHost
 
 
 E820_RAM, E820_RESERVED = 1, 2
@@ -137,6 +163,7 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     port92 = Port92(on_reset)
     debugcon = DebugCon(debug_output)
     config = build_fw_cfg(plan, memory)
+    pci = PciHost()
     pio.register(COM1_PORT, 8, serial, "com1")
     pio.register(I8042_PORT, 5, i8042, "i8042")
     pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
@@ -144,7 +171,8 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     pio.register(0x92, 1, port92, "port92")
     pio.register(DEBUGCON_PORT, 1, debugcon, "debugcon")
     pio.register(fw.PORT_BASE, fw.PORT_SIZE, config, "fw_cfg")
-    return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config)
+    pio.register(0xCF8, 8, pci, "pci")
+    return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config, pci)
 
 
 def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:

@@ -25,6 +25,7 @@ from leanvm.memory.host import map_flash_bank
 if TYPE_CHECKING:
     from leanvm.devices.bus import Bus
     from leanvm.machine.builder import Memslots
+    from leanvm.machine.legacy import BiosArea
 
 MiB = 1 << 20
 MODES = ("readonly", "persistent", "ephemeral")
@@ -32,8 +33,6 @@ ROLES = ("code", "vars")
 DEFAULT_MAX_FW_SIZE = 8 * MiB
 MAX_FW_SIZE_LIMIT = 16 * MiB
 VIRT_BANK_SIZE = 64 * MiB
-ISA_BIOS_SIZE = 128 * 1024  # the legacy BIOS window 0xE0000-0xFFFFF
-ISA_BIOS_END = 0x100000
 PERSIST_GRANULE = 4096  # persistent stores are written back in 4 KiB blocks
 
 
@@ -131,6 +130,7 @@ class FlashBank:
                                writable=writable, on_romd=self._on_romd, on_write=self._on_write)
         self.memslots: Memslots | None = None
         self.slot_names: list[str] = [self.name]
+        self.romd_listeners: list = []  # called with the new mode (the BIOS area, bank 0)
 
     def _on_write(self, offset: int, length: int) -> None:
         if self._fd is not None:
@@ -141,6 +141,8 @@ class FlashBank:
         if self.memslots is not None:
             for name in self.slot_names:
                 self.memslots.set_present(name, on)
+        for listener in self.romd_listeners:
+            listener(on)
         if on:
             self.flush()  # a write sequence ended: persist what it changed
 
@@ -161,21 +163,6 @@ class FlashBank:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-class IsaBiosWindow:
-    """The last 128 KiB of bank 0 seen at 0xE0000: reads come from memory (an alias
-    memslot); writes reach the bank's device at the matching offset."""
-
-    def __init__(self, bank: FlashBank, size: int) -> None:
-        self.bank = bank
-        self.offset = bank.size - size
-
-    def read(self, offset: int, size: int) -> int:
-        return self.bank.device.read(self.offset + offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.bank.device.write(self.offset + offset, size, value)
 
 
 def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
@@ -240,7 +227,9 @@ def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
 
 
 def build_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap, memory: GuestMemory,
-                memslots: "Memslots", mmio: "Bus", max_fw_size: int) -> list[FlashBank]:
+                memslots: "Memslots", mmio: "Bus", max_fw_size: int
+                ) -> tuple[list[FlashBank], "BiosArea | None"]:
+    """The banks, and for a pc bank 0 the BIOS area (0xC0000-0xFFFFF) it shows through."""
     banks: list[FlashBank] = []
     try:
         for index, (spec, base, size, image_size) in enumerate(plan_flash(specs, plan, max_fw_size)):
@@ -250,16 +239,15 @@ def build_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap, memory: GuestMemo
             memslots.add(bank.region)
             bank.memslots = memslots
             mmio.register(base, size, bank.device, bank.name)
+        area = None
         if banks and banks[0].geometry.name == "pc":
-            bank = banks[0]
-            isa = min(bank.size, ISA_BIOS_SIZE)
-            name = "isa-bios"
-            memslots.add_alias(name, ISA_BIOS_END - isa, isa,
-                               bank.region.mapping.address + bank.size - isa)
-            mmio.register(ISA_BIOS_END - isa, isa, IsaBiosWindow(bank, isa), name)
-            bank.slot_names.append(name)
+            from leanvm.machine.legacy import WINDOW_BASE, WINDOW_END, BiosArea
+
+            area = BiosArea(memslots, memory.find(WINDOW_BASE, WINDOW_END - WINDOW_BASE), banks[0])
+            banks[0].romd_listeners.append(lambda on: area.refresh())
+            mmio.register(WINDOW_BASE, WINDOW_END - WINDOW_BASE, area, "bios-area")
     except BaseException:
         for bank in banks:
             bank.close()
         raise
-    return banks
+    return banks, area

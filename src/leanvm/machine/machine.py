@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from leanvm.memory.residency import Residency
 
 CONSOLE_KEEP = 1 << 20  # bytes of serial output kept in memory for Machine.console
+NO_BOOT_DEVICE_LINE = b"No bootable device."  # SeaBIOS, before it waits 60 s to retry
 KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
 
 
@@ -74,7 +75,7 @@ class RunResult(NamedTuple):
     @property
     def exit_code(self) -> int:
         """Process exit code for the CLI: 0 for a reset, the guest's status for its exit port."""
-        if self.reason is StopReason.RESET:
+        if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE):
             return 0
         if self.reason is StopReason.GUEST_EXIT:
             return (self.status or 0) & 0xFF
@@ -98,6 +99,7 @@ class Machine:
         self.process_start_ns = process_start_ns()
         self._console = bytearray()
         self._debug_console = bytearray()
+        self._debug_line = bytearray()
         self._debug_stream: BinaryIO | None = None
         self._control = LoopControl()
         self._closables: list[Any] = []
@@ -137,6 +139,7 @@ class Machine:
                                                  self._debug_output, self.vm.irq_line,
                                                  self._on_reset, self._on_guest_exit)
         self.flash_banks: list = []
+        self.bios_area = None
         flash = config.flash
         if config.bios is not None:
             from leanvm.machine.flash import FlashSpec
@@ -147,8 +150,11 @@ class Machine:
         if flash:
             from leanvm.machine.flash import build_flash
 
-            self.flash_banks = build_flash(flash, self.plan, self.memory, self.memslots,
-                                           self.platform.mmio, config.max_fw_size)
+            self.flash_banks, self.bios_area = build_flash(
+                flash, self.plan, self.memory, self.memslots, self.platform.mmio,
+                config.max_fw_size)
+            if self.bios_area is not None:
+                self.platform.pci.host_bridge.on_write = _pam_forwarder(self.bios_area)
         self.vcpu = self.vm.create_vcpu(0)
         if image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
             self.vcpu.set_cpuid(cpuid)
@@ -271,10 +277,22 @@ class Machine:
     def _debug_output(self, data: bytes) -> None:
         if self._debug_stream is not None:
             self._debug_stream.write(data)
+        if data == b"\n":
+            self._firmware_line()
+        else:
+            self._debug_line += data
         console = self._debug_console
         console += data
         if len(console) > 2 * CONSOLE_KEEP:
             del console[:-CONSOLE_KEEP]
+
+    def _firmware_line(self) -> None:
+        """Lines of the firmware's debug console that end the VM."""
+        line, self._debug_line = bytes(self._debug_line), bytearray()
+        if line.startswith(NO_BOOT_DEVICE_LINE):
+            self._control.request(Stop(StopReason.NO_BOOT_DEVICE,
+                                       "the firmware found no bootable device "
+                                       f"({line.decode(errors='replace').strip()})"))
 
     @property
     def debug_console(self) -> bytes:
@@ -368,6 +386,16 @@ class Machine:
 
 
 _kick_handler_installed = False
+
+
+def _pam_forwarder(area: object) -> "Callable[[int, int], None]":
+    from leanvm.devices.pci import PAM0, PAM_COUNT
+
+    def forward(register: int, value: int) -> None:
+        if PAM0 <= register < PAM0 + PAM_COUNT:
+            area.set_pam(register, value)  # type: ignore[attr-defined]
+
+    return forward
 
 
 def _install_kick_handler() -> None:

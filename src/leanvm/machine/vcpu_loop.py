@@ -26,6 +26,7 @@ class StopReason(Enum):
     TIMEOUT = "timeout"  # the host's time limit ran out
     INTERRUPTED = "interrupted"  # the host asked to stop (Ctrl-C, API)
     UNHANDLED = "unhandled-exit"  # an exit leanvm does not handle
+    NO_BOOT_DEVICE = "no-boot-device"  # the firmware found nothing to boot
 
 
 class Stop(NamedTuple):
