@@ -91,6 +91,22 @@ static inline __attribute__((noreturn)) void reset(void)
     for (;;) __asm__ volatile("cli; hlt");
 }
 
+static inline u64 parse_hex(const char **s) /* "0x1f 20" -> 0x1f, leaves *s after it */
+{
+    u64 v = 0;
+    while (**s == ' ')
+        (*s)++;
+    if ((*s)[0] == '0' && (*s)[1] == 'x')
+        *s += 2;
+    for (;; (*s)++) {
+        char c = **s;
+        if (c >= '0' && c <= '9') v = v * 16 + (u64)(c - '0');
+        else if (c >= 'a' && c <= 'f') v = v * 16 + (u64)(c - 'a' + 10);
+        else break;
+    }
+    return v;
+}
+
 static inline int streq(const char *a, const char *b)
 {
     while (*a && *a == *b) { a++; b++; }

@@ -64,8 +64,6 @@ def handle_unpad(args: argparse.Namespace) -> int:
 
 
 def size(value: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            number = value / scale
-            return f"{number:.0f} {unit}" if number == int(number) else f"{number:.1f} {unit}"
-    return f"{value} B"
+    from leanvm.cli.summary import human
+
+    return human(value, "iB")

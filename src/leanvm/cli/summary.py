@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TextIO
-
-from leanvm.machine.machine import Machine, RunResult
+from typing import TYPE_CHECKING, TextIO
 
 
-def human(size: int) -> str:
+if TYPE_CHECKING:
+    from leanvm.machine.machine import Machine, RunResult
+
+
+def human(size: int, suffix: str = "") -> str:
+    """1.5M, 128M, 44K, 12B (with ``suffix`` "iB": 1.5 MiB, 128 MiB, ...)."""
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if size >= scale:
             value = size / scale
-            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
-    return f"{size}B"
+            number = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+            return f"{number} {unit}{suffix}" if suffix else f"{number}{unit}"
+    return f"{size} B" if suffix else f"{size}B"
 
 
 def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:

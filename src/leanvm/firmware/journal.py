@@ -49,7 +49,7 @@ def commit(image: Path, blocks: Mapping[int, bytes], fd: int | None = None) -> N
     finally:
         os.close(jfd)
     os.replace(temp, journal)  # the journal appears whole or not at all
-    _fsync_dir(image.parent)
+    fsync_dir(image.parent)
     own = fd is None
     ifd = os.open(image, os.O_WRONLY) if own else fd
     try:
@@ -60,7 +60,7 @@ def commit(image: Path, blocks: Mapping[int, bytes], fd: int | None = None) -> N
         if own:
             os.close(ifd)
     journal.unlink()
-    _fsync_dir(image.parent)
+    fsync_dir(image.parent)
 
 
 def recover(image: Path) -> int:
@@ -85,7 +85,7 @@ def recover(image: Path) -> int:
     finally:
         os.close(fd)
     journal.unlink()
-    _fsync_dir(image.parent)
+    fsync_dir(image.parent)
     return len(blocks)
 
 
@@ -121,7 +121,7 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

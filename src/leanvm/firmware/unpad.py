@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from leanvm.errors import ImageError
+from leanvm.firmware.journal import fsync_dir
 from leanvm.firmware.image import PAGE
 
 _ZERO = bytes(PAGE)
@@ -54,13 +55,5 @@ def unpad(source: str | Path, destination: str | Path) -> tuple[int, int]:
         os.close(data_fd)
     os.close(out_fd)
     os.replace(temp, destination)
-    _fsync_dir(destination.parent)
+    fsync_dir(destination.parent)
     return size, allocated
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,7 +20,7 @@ from leanvm.devices.bus import Bus
 from leanvm.errors import ConfigError, LeanvmError
 from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ram,
                                     setup_kvm_private)
-from leanvm.machine.config import MachineConfig
+from leanvm.machine.config import MachineConfig, SerialConfig
 from leanvm.machine.plan import plan_for
 from leanvm.machine.timing import process_start_ns
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
@@ -309,27 +309,10 @@ class Machine:
 
     # --- serial wiring -----------------------------------------------------------------
     def _open_serial(self) -> None:
-        debugcon = self.config.debugcon
-        if debugcon.mode == "stdio":
-            self._debug_stream = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
-        elif debugcon.mode == "file":
-            assert debugcon.path is not None
-            try:
-                self._debug_stream = open(debugcon.path, "wb", buffering=0)
-            except OSError as exc:
-                raise ConfigError(f"{debugcon.path}: cannot open for debugcon output "
-                                  f"({exc.strerror})") from None
-        serial = self.config.serial
-        if serial.mode == "stdio":
-            self._output = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+        self._debug_stream = _open_sink(self.config.debugcon, "debugcon")
+        self._output = _open_sink(self.config.serial, "serial")
+        if self.config.serial.mode == "stdio":
             self._start_stdin_reader()
-        elif serial.mode == "file":
-            assert serial.path is not None
-            try:
-                self._output = open(serial.path, "wb", buffering=0)
-            except OSError as exc:
-                raise ConfigError(f"{serial.path}: cannot open for serial output "
-                                  f"({exc.strerror})") from None
 
     def _close_serial(self) -> None:
         if self._debug_stream is not None:
@@ -386,6 +369,20 @@ class Machine:
 
 
 _kick_handler_installed = False
+
+
+def _open_sink(where: "SerialConfig", what: str) -> "BinaryIO | None":
+    """The stream a character device writes to: stdout, a file, or none (memory only)."""
+    if where.mode == "stdio":
+        return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+    if where.mode == "file":
+        assert where.path is not None
+        try:
+            return open(where.path, "wb", buffering=0)
+        except OSError as exc:
+            raise ConfigError(f"{where.path}: cannot open for {what} output "
+                              f"({exc.strerror})") from None
+    return None
 
 
 def _pam_forwarder(area: object) -> "Callable[[int, int], None]":

@@ -4,22 +4,6 @@
  * sector), lock 0x5000, and IMAGE_SIZE + 0x10 (erased flash past the image, if any). */
 #include "runtime.h"
 
-static u64 hex(const char **s)
-{
-    u64 v = 0;
-    while (**s == ' ')
-        (*s)++;
-    if ((*s)[0] == '0' && (*s)[1] == 'x')
-        *s += 2;
-    for (;; (*s)++) {
-        char c = **s;
-        if (c >= '0' && c <= '9') v = v * 16 + (u64)(c - '0');
-        else if (c >= 'a' && c <= 'f') v = v * 16 + (u64)(c - 'a' + 10);
-        else break;
-    }
-    return v;
-}
-
 static u64 base;
 static void w(u64 off, u8 v) { mmio_write8(base + off, v); }
 static u8 r(u64 off) { return mmio_read8(base + off); }
@@ -28,8 +12,8 @@ static void kv(const char *key, u64 value) { puts(key); putc('='); put_hex(value
 int main(struct leanvm_boot_info *info, const char *args, u64 args_len)
 {
     const char *p = args;
-    base = hex(&p);
-    u64 image = hex(&p);
+    base = parse_hex(&p);
+    u64 image = parse_hex(&p);
 
     kv("array0", r(0));
     w(0x55, 0x98);                                   /* CFI query */

@@ -4,26 +4,10 @@
  * returns to read-array mode (which is when leanvm persists the block). */
 #include "runtime.h"
 
-static u64 hex(const char **s)
-{
-    u64 v = 0;
-    while (**s == ' ')
-        (*s)++;
-    if ((*s)[0] == '0' && (*s)[1] == 'x')
-        *s += 2;
-    for (;; (*s)++) {
-        char c = **s;
-        if (c >= '0' && c <= '9') v = v * 16 + (u64)(c - '0');
-        else if (c >= 'a' && c <= 'f') v = v * 16 + (u64)(c - 'a' + 10);
-        else break;
-    }
-    return v;
-}
-
 int main(struct leanvm_boot_info *info, const char *args, u64 args_len)
 {
     const char *p = args;
-    u64 base = hex(&p), blocks = hex(&p);
+    u64 base = parse_hex(&p), blocks = parse_hex(&p);
     for (u32 gen = 1;; gen++) {
         for (u64 b = 0; b < blocks; b++) {
             u64 block = base + b * 4096;
