@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TextIO
 
-
 if TYPE_CHECKING:
     from leanvm.machine.machine import Machine, RunResult
 
