@@ -112,3 +112,10 @@ def test_run_rejects_bad_flash_in_one_line(tmp_path: Path) -> None:
         pytest.skip("no KVM here: the flash check runs while the machine is built")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "odd.fd: size 5000 is not a non-zero multiple of the 4096-byte flash sector" in done.stderr
+
+
+def test_directories_are_not_images(tmp_path: Path) -> None:
+    for args in (["flash", "inspect", str(tmp_path)], ["flash", "unpad", str(tmp_path), str(tmp_path / "x")]):
+        done = leanvm(*args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1
+        assert "not a regular file" in done.stderr

@@ -10,6 +10,7 @@ past the image are erased flash (0xFF) backed by one shared page.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -91,15 +92,24 @@ def data_extents(fd: int, size: int) -> list[Run]:
     return extents
 
 
-def analyze(path: str | Path) -> ImageInfo:
-    """Read ``path`` once (only its data extents) and describe it."""
-    path = Path(path)
+def open_image(path: Path) -> int:
+    """An fd for reading a flash image, or an ImageError naming the file."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file (expected a flash image)") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot open ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: not a regular file (expected a flash image)")
+    return fd
+
+
+def analyze(path: str | Path) -> ImageInfo:
+    """Read ``path`` once (only its data extents) and describe it."""
+    path = Path(path)
+    fd = open_image(path)
     try:
         size = os.fstat(fd).st_size
         extents = data_extents(fd, size)

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from leanvm.errors import ImageError
+from leanvm.firmware.image import PAGE, open_image
 from leanvm.firmware.journal import fsync_dir
-from leanvm.firmware.image import PAGE
 
 _ZERO = bytes(PAGE)
 
@@ -22,10 +22,7 @@ def unpad(source: str | Path, destination: str | Path) -> tuple[int, int]:
     source, destination = Path(source), Path(destination)
     if source.resolve() == destination.resolve():
         raise ImageError(f"{destination}: unpad writes a new file; give a different OUT")
-    try:
-        data_fd = os.open(source, os.O_RDONLY)
-    except OSError as exc:
-        raise ImageError(f"{source}: cannot open ({exc.strerror})") from None
+    data_fd = open_image(source)
     temp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     try:
         out_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

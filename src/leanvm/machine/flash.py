@@ -11,6 +11,7 @@ arm virt geometry (64 MiB, 256 KiB sectors, width 4) go to the flash-large windo
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -183,11 +184,14 @@ def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
     for spec in ordered:
         geometry = GEOMETRIES[spec.geometry]
         try:
-            image_size = os.stat(spec.path).st_size
+            info = os.stat(spec.path)
         except FileNotFoundError:
             raise ConfigError(f"{spec.path}: no such flash image") from None
         except OSError as exc:
             raise ConfigError(f"{spec.path}: cannot read ({exc.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{spec.path}: not a regular file (expected a flash image)")
+        image_size = info.st_size
         if image_size == 0 or image_size % geometry.sector_size:
             raise ConfigError(f"{spec.path}: size {image_size} is not a non-zero multiple of the "
                               f"{geometry.sector_size}-byte flash sector")
