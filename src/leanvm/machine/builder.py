@@ -58,7 +58,8 @@ class Slot(NamedTuple):
 class Memslots:
     """Assigns KVM memslot numbers to guest regions and keeps them in step with the plan:
     a region may be unmapped and mapped again (flash leaving and entering read-array mode),
-    and an alias may punch a window into a region mapped before it (the ISA BIOS window)."""
+    and a group of slots may take over a window of a region mapped before it (the BIOS
+    area, rebuilt from the PAM registers)."""
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
@@ -116,11 +117,6 @@ class Memslots:
         self.slots[region.name] = [self._create(region.base, region.size, region.mapping.address,
                                                 region.readonly)]
         self.present[region.name] = True
-
-    def add_alias(self, name: str, gpa: int, size: int, host_address: int) -> None:
-        """Map ``size`` bytes of host memory read-only at ``gpa``, over whatever is there."""
-        self.punch(gpa, size)
-        self.replace_group(name, [(gpa, size, host_address, True)])
 
     def set_present(self, name: str, present: bool) -> None:
         """Unmap (reads and writes then exit as MMIO) or map back a region's memslots."""

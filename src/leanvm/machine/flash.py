@@ -130,7 +130,6 @@ class FlashBank:
         self.device = CfiFlash(self.region.view, geometry, image_size=image_size,
                                writable=writable, on_romd=self._on_romd, on_write=self._on_write)
         self.memslots: Memslots | None = None
-        self.slot_names: list[str] = [self.name]
         self.romd_listeners: list = []  # called with the new mode (the BIOS area, bank 0)
 
     def _on_write(self, offset: int, length: int) -> None:
@@ -140,8 +139,7 @@ class FlashBank:
 
     def _on_romd(self, on: bool) -> None:
         if self.memslots is not None:
-            for name in self.slot_names:
-                self.memslots.set_present(name, on)
+            self.memslots.set_present(self.name, on)
         for listener in self.romd_listeners:
             listener(on)
         if on:
