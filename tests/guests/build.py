@@ -2,6 +2,7 @@
 
     python tests/guests/build.py hello            # prints the path of hello.bin
     python tests/guests/build.py demo --out FILE  # a flat binary at FILE
+    python tests/guests/build.py linux            # the Linux-shaped test kernel (bzImage)
 
 Every program is start.S + programs/NAME.c (or programs/NAME.S alone) linked at 1 MiB by
 guest.ld. The cache key covers the sources, the flags and the compiler version, so a change
@@ -70,6 +71,52 @@ def build_guest(name: str, kind: str = "bin") -> Path:
     return flat if kind == "bin" else elf
 
 
+LINUX_DIR = HERE / "linux"
+SETUP_SECTS, SYSSIZE, INIT_SIZE = 0x1F1, 0x1F4, 0x260
+
+
+def build_test_kernel() -> Path:
+    """Path to linux/ built as a bzImage: setup sectors, then the kernel loaded at 1 MiB."""
+    srcs = [LINUX_DIR / "setup.S", LINUX_DIR / "head.S", LINUX_DIR / "kernel.c"]
+    digest = hashlib.sha256()
+    for item in [*srcs, LINUX_DIR / "kernel.ld", HERE / "runtime.h", Path(__file__)]:
+        digest.update(item.name.encode() + b"\0" + item.read_bytes())
+    digest.update(" ".join(CFLAGS).encode() + _compiler_version().encode())
+    out_dir = CACHE / f"linux-{digest.hexdigest()[:16]}"
+    image = out_dir / "bzImage"
+    if image.exists():
+        return image
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    elf = tmp / "kernel.elf"
+    _run(["gcc", *CFLAGS, f"-I{HERE}", "-T", str(LINUX_DIR / "kernel.ld"), *map(str, srcs),
+          "-o", str(elf)])
+    _run(["objcopy", "-O", "binary", "-j", ".setup", str(elf), str(tmp / "setup.bin")])
+    _run(["objcopy", "-O", "binary", "-R", ".setup", str(elf), str(tmp / "kernel.bin")])
+    setup = bytearray((tmp / "setup.bin").read_bytes())
+    kernel = (tmp / "kernel.bin").read_bytes()
+    sectors = max(4, -(-len(setup) // 512))  # sector 0 plus setup_sects more
+    setup = setup.ljust(sectors * 512, b"\0")
+    end = _symbol(elf, "_end")
+    setup[SETUP_SECTS] = sectors - 1
+    setup[SYSSIZE:SYSSIZE + 4] = (-(-len(kernel) // 16)).to_bytes(4, "little")
+    setup[INIT_SIZE:INIT_SIZE + 4] = (end - 0x100000).to_bytes(4, "little")
+    (tmp / "bzImage").write_bytes(bytes(setup) + kernel)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return image
+
+
+def _symbol(elf: Path, name: str) -> int:
+    listing = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[2] == name:
+            return int(fields[0], 16)
+    raise GuestBuildError(f"symbol {name} missing from {elf}")
+
+
 def _run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -82,7 +129,7 @@ def main() -> int:
     parser.add_argument("--elf", action="store_true", help="the ELF rather than the flat binary")
     parser.add_argument("--out", type=Path, help="copy the result here")
     args = parser.parse_args()
-    path = build_guest(args.name, "elf" if args.elf else "bin")
+    path = build_test_kernel() if args.name == "linux" else build_guest(args.name, "elf" if args.elf else "bin")
     if args.out:
         shutil.copyfile(path, args.out)
         path = args.out

@@ -44,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--bios", type=Path, metavar="FILE",
                         help="boot firmware (e.g. /usr/share/seabios/bios.bin) from flash bank 0 "
                              "at the reset vector instead of a bare guest")
+    parser.add_argument("-kernel", "--kernel", type=Path, metavar="BZIMAGE",
+                        help="Linux kernel (bzImage) for the firmware to load through fw_cfg "
+                             "(needs --bios or a code flash bank)")
+    parser.add_argument("-initrd", "--initrd", type=Path, metavar="FILE",
+                        help="initial RAM disk for -kernel")
+    parser.add_argument("-append", "--append", default="", metavar="CMDLINE",
+                        help="kernel command line for -kernel")
     parser.add_argument("-debugcon", "--debugcon", default="none", metavar="MODE",
                         help="firmware debug console (port 0x402): stdio, file:PATH or none "
                              "(default: kept in memory)")
@@ -73,7 +80,9 @@ def handle(args: argparse.Namespace) -> int:
     flash = [parse_flash_option(text) for text in args.flash]
     flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
     config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
-                           bios=args.bios, debugcon=args.debugcon, guest=args.guest, machine=args.machine,
+                           bios=args.bios, debugcon=args.debugcon, guest=args.guest,
+                           kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
+                           machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,
                            hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
                            kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))

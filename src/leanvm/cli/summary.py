@@ -26,6 +26,12 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     console.print(f"[bold]leanvm:[/bold] guest stopped: {result.reason.value}: {result.detail}")
     console.print(f"  first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
                   "process start")
+    entry = result.kernel_entry
+    if entry is not None:
+        console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "
+                      f"process start, at {entry.address:#x} ({entry.cs:04x}:{entry.rip:04x})")
+    elif getattr(machine, "kernel", None) is not None:
+        console.print("  kernel entry            not reached")
     console.print(f"  stopped                 {result.to_stop_ms:8.1f} ms after process start")
     pio, mmio = machine.platform.pio, machine.platform.mmio
     console.print(f"  vCPU exits {result.exits}: port I/O {pio.accesses} "

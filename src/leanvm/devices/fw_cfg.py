@@ -75,7 +75,7 @@ ZERO_CHUNK = 1 << 20  # a hostile length never makes the VMM allocate more than 
 
 
 class Item(NamedTuple):
-    data: bytearray
+    data: "bytearray | memoryview"  # read-only items may be views of mapped files
     writable: bool
     name: str  # for traces: the file name, or the key's name
 
@@ -101,6 +101,12 @@ KEY_NAMES = {SIGNATURE: "signature", ID: "id", RAM_SIZE: "ram-size", NB_CPUS: "n
              SETUP_DATA: "setup", FILE_DIR: "file-dir", X86_E820: "e820"}
 
 
+def _store(data: "bytes | memoryview", writable: bool) -> "bytearray | memoryview":
+    if isinstance(data, memoryview) and not writable:
+        return data.cast("B") if data.format != "B" else data
+    return bytearray(data)
+
+
 class FwCfg:
     def __init__(self, memory: GuestMemory,
                  on_transfer: Callable[[Transfer], None] | None = None) -> None:
@@ -112,16 +118,17 @@ class FwCfg:
         self.dma_address = 0
         self.dma_errors = 0
         self._read_started = 0
-        self._on_transfer = on_transfer
+        self.on_transfer = on_transfer  # for the boot timeline; assignable
         self.add(SIGNATURE, b"QEMU")
         self.add(ID, struct.pack("<I", ID_TRADITIONAL | ID_DMA))
         self._rebuild_directory()
 
     # --- items ---------------------------------------------------------------------------
-    def add(self, key: int, data: bytes, *, writable: bool = False) -> None:
+    def add(self, key: int, data: "bytes | memoryview", *, writable: bool = False) -> None:
+        """Set an item. A memoryview is kept as it is (no copy) unless the item is writable."""
         if key == FILE_DIR or not 0 <= key <= KEY_MASK:
             raise DeviceError(f"fw_cfg key {key:#x} cannot be set directly")
-        self.items[key] = Item(bytearray(data), writable, KEY_NAMES.get(key, f"{key:#06x}"))
+        self.items[key] = Item(_store(data, writable), writable, KEY_NAMES.get(key, f"{key:#06x}"))
 
     def add_u32(self, key: int, value: int) -> None:
         self.add(key, struct.pack("<I", value))
@@ -129,13 +136,13 @@ class FwCfg:
     def add_u64(self, key: int, value: int) -> None:
         self.add(key, struct.pack("<Q", value))
 
-    def add_file(self, name: str, data: bytes, *, writable: bool = False) -> int:
+    def add_file(self, name: str, data: "bytes | memoryview", *, writable: bool = False) -> int:
         """Add (or replace) a named file; returns its key."""
         if not name or len(name.encode()) > MAX_FILE_NAME:
             raise DeviceError(f"fw_cfg file name {name!r} must be 1 to {MAX_FILE_NAME} bytes")
         key = self.files.get(name, FILE_FIRST + len(self.files))
         self.files[name] = key
-        self.items[key] = Item(bytearray(data), writable, name)
+        self.items[key] = Item(_store(data, writable), writable, name)
         self._rebuild_directory()
         return key
 
@@ -226,7 +233,7 @@ class FwCfg:
 
     def _dma_read(self, item: Item | None, target: int, length: int) -> None:
         self.memory.find(target, length)  # the whole buffer must be guest memory first
-        data = bytes(item.data[self.offset:self.offset + length]) if item is not None else b""
+        data = memoryview(item.data)[self.offset:self.offset + length] if item is not None else b""
         self.memory.write(target, data)
         done = len(data)
         while done < length:  # past the item's end: zeros, in bounded chunks
@@ -243,6 +250,6 @@ class FwCfg:
         return True
 
     def _report(self, key: int, item: Item, count: int, start: int, dma: bool) -> None:
-        if self._on_transfer is not None:
+        if self.on_transfer is not None:
             now = time.monotonic_ns()
-            self._on_transfer(Transfer(key, item.name, count, start or now, now, dma))
+            self.on_transfer(Transfer(key, item.name, count, start or now, now, dma))

@@ -3,7 +3,7 @@ created and connected here by hand; nothing registers itself."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from collections.abc import Callable
 
 from leanvm.devices import fw_cfg as fw
@@ -20,6 +20,9 @@ from leanvm.kvm.vm import Vm
 from leanvm.layout.region import MemoryMap
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import map_anonymous
+
+if TYPE_CHECKING:
+    from leanvm.loader.fwcfg_kernel import FirmwareKernel
 
 RAM_REGIONS = ("ram-low", "ram-high")
 
@@ -81,9 +84,11 @@ class Memslots:
         self.vm.set_memory_region(slot.number, slot.gpa, 0, slot.host_address)
         self.free.append(slot.number)
 
-    def punch(self, gpa: int, size: int) -> None:
-        """Take [gpa, gpa + size) out of every memslot mapped there (splitting them)."""
+    def punch(self, gpa: int, size: int) -> list[tuple[str, Slot]]:
+        """Take [gpa, gpa + size) out of every memslot mapped there (splitting them); returns
+        what was taken out, for ``unpunch``."""
         end = gpa + size
+        removed: list[tuple[str, Slot]] = []
         for owner, slots in self.slots.items():
             kept: list[Slot] = []
             for slot in slots:
@@ -91,6 +96,9 @@ class Memslots:
                     kept.append(slot)
                     continue
                 self._delete(slot)
+                start, stop = max(slot.gpa, gpa), min(slot.gpa + slot.size, end)
+                removed.append((owner, Slot(-1, start, stop - start,
+                                            slot.host_address + start - slot.gpa, slot.readonly)))
                 if slot.gpa < gpa:
                     kept.append(self._create(slot.gpa, gpa - slot.gpa, slot.host_address,
                                              slot.readonly))
@@ -99,6 +107,13 @@ class Memslots:
                     kept.append(self._create(end, slot.size - offset, slot.host_address + offset,
                                              slot.readonly))
             self.slots[owner] = kept
+        return removed
+
+    def unpunch(self, removed: list[tuple[str, Slot]]) -> None:
+        """Map back what ``punch`` took out (as slots of their own)."""
+        for owner, piece in removed:
+            self.slots[owner].append(self._create(piece.gpa, piece.size, piece.host_address,
+                                                  piece.readonly))
 
     def replace_group(self, name: str, pieces: list[tuple[int, int, int, bool]]) -> None:
         """Make ``name`` exactly these (gpa, size, host address, readonly) memslots."""
@@ -185,3 +200,28 @@ def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:
         entries.append((private.base, private.size, E820_RESERVED))
     config.add_file("etc/e820", b"".join(struct.pack("<QQI", *e) for e in sorted(entries)))
     return config
+
+
+LINUXBOOT_ROM = "linuxboot_dma.bin"
+
+
+def add_firmware_kernel(config: FwCfg, kernel: "FirmwareKernel", option_rom: bytes) -> None:
+    """The fw_cfg items QEMU's x86 loader provides for -kernel/-initrd/-append, plus the
+    option ROM that SeaBIOS runs to load them ("genroms/linuxboot_dma.bin", first in
+    "bootorder"). qboot reads the same items itself."""
+    config.add_u32(fw.SETUP_ADDR, kernel.setup_addr)
+    config.add_u32(fw.SETUP_SIZE, len(kernel.setup))
+    config.add(fw.SETUP_DATA, kernel.setup)
+    config.add_u32(fw.KERNEL_ADDR, kernel.kernel_addr)
+    config.add_u32(fw.KERNEL_SIZE, len(kernel.kernel))
+    config.add(fw.KERNEL_DATA, kernel.kernel)
+    config.add_u32(fw.CMDLINE_ADDR, kernel.cmdline_addr)
+    config.add_u32(fw.CMDLINE_SIZE, len(kernel.cmdline))
+    config.add(fw.CMDLINE_DATA, kernel.cmdline)
+    config.add_u32(fw.INITRD_ADDR, kernel.initrd_addr)
+    config.add_u32(fw.INITRD_SIZE, len(kernel.initrd))
+    config.add(fw.INITRD_DATA, kernel.initrd if isinstance(kernel.initrd, memoryview)
+               else memoryview(kernel.initrd))
+    name = "genroms/" + LINUXBOOT_ROM
+    config.add_file(name, option_rom)
+    config.add_file("bootorder", f"/rom@{name}".encode() + b"\0")

@@ -93,7 +93,7 @@ class MachineConfig:
 
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
-                 "debugcon")
+                 "debugcon", "kernel", "initrd", "cmdline")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -101,8 +101,9 @@ class MachineConfig:
                  maxmem: int | str | None = None, slots: int = 0, machine: str = "leanvm",
                  pa_bits: int | None = None, layout: tuple[tuple[str, str], ...] = (),
                  flash: tuple = (), max_fw_size: int | str = 8 * MiB,
-                 bios: Path | str | None = None, debugcon: SerialConfig | str = SerialConfig()
-                 ) -> None:
+                 bios: Path | str | None = None, debugcon: SerialConfig | str = SerialConfig(),
+                 kernel: Path | str | None = None, initrd: Path | str | None = None,
+                 cmdline: str = "") -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -131,8 +132,15 @@ class MachineConfig:
         self.bios: Path | None = Path(bios) if bios is not None else None  # firmware in flash
         self.debugcon: SerialConfig = (SerialConfig.parse(debugcon) if isinstance(debugcon, str)
                                        else debugcon)  # where port 0x402 output goes
+        self.kernel: Path | None = Path(kernel) if kernel is not None else None  # a bzImage
+        self.initrd: Path | None = Path(initrd) if initrd is not None else None
+        self.cmdline: str = cmdline
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
+        if self.kernel is not None and self.guest is not None:
+            raise ConfigError("give either -kernel (Linux) or --guest (bare guest)")
+        if self.kernel is None and (self.initrd is not None or cmdline):
+            raise ConfigError("-initrd and -append need -kernel")
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
     from leanvm.devices.bus import BusDevice
+    from leanvm.loader.fwcfg_kernel import FirmwareKernel
+    from leanvm.machine.entry_trap import EntryTrap, KernelEntry
 
     from leanvm.memory.residency import Residency
 
@@ -63,6 +65,13 @@ class RunResult(NamedTuple):
     process_start_ns: int
     first_entry_ns: int  # just before the first KVM_RUN
     stopped_ns: int
+    kernel_entry: "KernelEntry | None" = None  # firmware boots: when it entered the kernel
+
+    @property
+    def to_kernel_entry_ms(self) -> float | None:
+        if self.kernel_entry is None:
+            return None
+        return (self.kernel_entry.time_ns - self.process_start_ns) / 1e6
 
     @property
     def to_first_instruction_ms(self) -> float:
@@ -119,7 +128,14 @@ class Machine:
         from leanvm.machine.cpu import setup_long_mode
 
         config = self.config
-        image = None if config.bios else load_image(config.guest or demo_guest_path())
+        firmware = config.bios is not None or (
+            config.guest is None and any(spec.role == "code" for spec in config.flash))
+        if config.kernel is not None and not firmware:
+            raise ConfigError("-kernel without firmware is direct Linux boot, which leanvm does "
+                              "not do yet; boot the kernel through firmware with --bios "
+                              "/usr/share/seabios/bios.bin (or qboot.rom)")
+        image = None if firmware else load_image(config.guest or demo_guest_path())
+        kernel = self._map_kernel() if config.kernel is not None else None
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
         cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
@@ -155,6 +171,10 @@ class Machine:
                 config.max_fw_size)
             if self.bios_area is not None:
                 self.platform.pci.host_bridge.on_write = _pam_forwarder(self.bios_area)
+        self.kernel = None
+        self.entry_trap: "EntryTrap | None" = None
+        if kernel is not None:
+            self.kernel = self._serve_kernel(kernel)
         self.vcpu = self.vm.create_vcpu(0)
         if image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
             self.vcpu.set_cpuid(cpuid)
@@ -164,6 +184,60 @@ class Machine:
         self.image = image
         self.state = RunState.READY
         return self
+
+    def _map_kernel(self) -> tuple[Any, Any]:
+        from leanvm.loader.files import map_readonly
+
+        config = self.config
+        assert config.kernel is not None
+        # Not closed explicitly: fw_cfg holds views of them; they unmap when dropped.
+        kernel = map_readonly(config.kernel, "kernel")
+        initrd = map_readonly(config.initrd, "initrd") if config.initrd is not None else b""
+        return kernel, initrd
+
+    def _serve_kernel(self, files: tuple[Any, Any]) -> "FirmwareKernel":
+        """Hand the kernel, initrd and command line to the firmware through fw_cfg."""
+        from leanvm.firmware.roms import find_rom
+        from leanvm.loader.fwcfg_kernel import plan_firmware_kernel
+        from leanvm.machine.builder import LINUXBOOT_ROM, add_firmware_kernel
+
+        config = self.config
+        kernel, initrd = files
+        planned = plan_firmware_kernel(memoryview(kernel), str(config.kernel), initrd,
+                                       str(config.initrd), config.cmdline,
+                                       self.plan.get("ram-low").size)
+        rom = find_rom(LINUXBOOT_ROM).read_bytes()
+        add_firmware_kernel(self.platform.fw_cfg, planned, rom)
+        self.entry_trap = self._entry_trap(planned.entry)
+        return planned
+
+    def _entry_trap(self, entry: int) -> "EntryTrap":
+        """Arm the kernel-entry trap once firmware has read the setup block."""
+        from leanvm.devices.fw_cfg import SETUP_DATA, Transfer
+        from leanvm.machine.entry_trap import EntryTrap
+
+        mmio = self.platform.mmio
+        trap = EntryTrap(entry, self.memory, self.memslots.punch, self.memslots.unpunch,
+                         lambda base, size, window: mmio.register(base, size, window,
+                                                                  "kernel-entry-trap"),
+                         mmio.unregister)
+        previous = self.platform.fw_cfg.on_transfer
+
+        def on_transfer(transfer: Transfer) -> None:
+            if transfer.key == SETUP_DATA:
+                trap.arm()
+            if previous is not None:
+                previous(transfer)
+
+        self.platform.fw_cfg.on_transfer = on_transfer
+        return trap
+
+    def _on_emulation_failure(self, exit_: object) -> bool:
+        trap = self.entry_trap
+        if trap is None or not trap.armed:
+            return False
+        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        return trap.on_fault(sregs.cs.base + regs.rip, sregs.cs.selector, regs.rip)
 
     @property
     def pio_bus(self) -> Bus:
@@ -199,6 +273,8 @@ class Machine:
         self._vcpu_thread = threading.get_ident()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
+        if self.entry_trap is not None:
+            self._control.on_emulation_failure = self._on_emulation_failure
         first_entry = time.monotonic_ns()
         try:
             stop = run_loop(self.vcpu, self.platform.pio, self.platform.mmio, self._control)
@@ -219,7 +295,8 @@ class Machine:
             if stop.reason is StopReason.INTERNAL_ERROR and stop.exit is not None:
                 stop = Stop(stop.reason, stop.exit.describe(rip), exit=stop.exit)  # type: ignore[union-attr]
         self.result = RunResult(stop.reason, stop.detail, stop.status, self._control.exits, rip,
-                                self.process_start_ns, first_entry, stopped)
+                                self.process_start_ns, first_entry, stopped,
+                                self.entry_trap.hit if self.entry_trap is not None else None)
         return self.result
 
     def stop(self, detail: str = "stopped by the host") -> None:

@@ -7,6 +7,7 @@ asked to stop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 from enum import Enum
 
@@ -39,11 +40,13 @@ class Stop(NamedTuple):
 class LoopControl:
     """Shared between the loop and whoever may stop it (devices, timers, other threads)."""
 
-    __slots__ = ("stop", "exits")
+    __slots__ = ("stop", "exits", "on_emulation_failure")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
         self.exits = 0
+        # Called with the exit; True means it was handled and the vCPU goes on.
+        self.on_emulation_failure: Callable[[ex.InternalError], bool] | None = None
 
     def request(self, stop: Stop) -> None:
         if self.stop is None:
@@ -97,6 +100,9 @@ def _other_exit(exit_: ex.Exit, control: LoopControl) -> Stop | None:
     if isinstance(exit_, ex.Shutdown):
         return Stop(StopReason.SHUTDOWN, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)", exit=exit_)
     if isinstance(exit_, ex.InternalError):
+        handler = control.on_emulation_failure
+        if handler is not None and handler(exit_):
+            return None
         return Stop(StopReason.INTERNAL_ERROR, exit_.describe(), exit=exit_)
     if isinstance(exit_, ex.FailEntry):
         return Stop(StopReason.FAIL_ENTRY, f"VM entry failed: hardware reason "

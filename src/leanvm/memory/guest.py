@@ -88,7 +88,7 @@ class GuestMemory:
         offset = address - region.base
         return bytes(region.view[offset:offset + length])
 
-    def write(self, address: int, data: bytes, *, force: bool = False) -> None:
+    def write(self, address: int, data: "bytes | memoryview", *, force: bool = False) -> None:
         """Write ``data``; regions read-only to the guest need ``force`` (the VMM loading them)."""
         region = self.find(address, len(data))
         if region.readonly and not force:

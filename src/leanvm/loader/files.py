@@ -1,0 +1,35 @@
+"""Kernel and initrd files, mapped read-only: their pages stay in the host's page cache (one
+copy shared by every VM that boots them) until something copies them into guest RAM."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from leanvm.errors import ImageError
+
+
+def map_readonly(path: str | Path, what: str) -> "mmap.mmap | bytes":
+    """The file's contents as a read-only mapping (b"" for an empty file).
+
+    ``what`` names the file's role in errors ("kernel", "initrd")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, expected a {what} file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open the {what} ({exc.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if not os.path.isfile(path):
+            raise ImageError(f"{path}: not a regular file, expected a {what} file")
+        if size == 0:
+            return b""
+        return mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot map the {what} ({exc.strerror})") from None
+    finally:
+        os.close(fd)
