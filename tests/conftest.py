@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "guests"))
 
-from build import build_guest  # noqa: E402
+from build import build_guest, build_test_kernel  # noqa: E402
 
 
 def kvm_unavailable_reason() -> str | None:
@@ -39,3 +39,11 @@ def guest():
     if shutil.which("gcc") is None or shutil.which("objcopy") is None:
         pytest.skip("gcc and objcopy are needed to build guest programs (make test installs them)")
     return build_guest
+
+
+@pytest.fixture(scope="session")
+def test_kernel() -> Path:
+    """The Linux-shaped test kernel (tests/guests/linux) as a bzImage, built by gcc (cached)."""
+    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
+        pytest.skip("gcc and objcopy are needed to build the test kernel (make test installs them)")
+    return build_test_kernel()

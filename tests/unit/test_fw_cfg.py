@@ -134,3 +134,39 @@ def test_hostile_descriptors_never_escape_guest_memory(control: int, length: int
             assert status in (0, fw_cfg.CTL_ERROR)
     finally:
         mem.close()
+
+
+def test_kernel_items_as_firmware_reads_them(memory: GuestMemory) -> None:
+    from leanvm.loader.fwcfg_kernel import plan_firmware_kernel
+    from leanvm.machine.builder import add_firmware_kernel
+    from tests.unit.test_bzimage import make_bzimage
+
+    kernel = memoryview(make_bzimage(kernel=bytes(range(256)) * 20))
+    planned = plan_firmware_kernel(kernel, "k", b"initrd!", "i", "root=/dev/vda", RAM)
+    dev = FwCfg(memory)
+    add_firmware_kernel(dev, planned, b"\x55\xaa\x03ROM")
+    le32 = lambda key: struct.unpack("<I", port_read(dev, key, 4))[0]
+    assert le32(fw_cfg.SETUP_ADDR) == 0x10000 and le32(fw_cfg.SETUP_SIZE) == 1024
+    assert le32(fw_cfg.KERNEL_ADDR) == 0x100000 and le32(fw_cfg.KERNEL_SIZE) == 5120
+    assert le32(fw_cfg.CMDLINE_SIZE) == 14 and port_read(dev, fw_cfg.CMDLINE_DATA, 14) == b"root=/dev/vda\0"
+    assert le32(fw_cfg.INITRD_SIZE) == 7 and le32(fw_cfg.INITRD_ADDR) == planned.initrd_addr
+    # the kernel item is a view of the file, served by DMA without a copy in between
+    assert isinstance(dev.items[fw_cfg.KERNEL_DATA].data, memoryview)
+    control = (fw_cfg.KERNEL_DATA << 16) | fw_cfg.CTL_SELECT | fw_cfg.CTL_READ
+    assert dma(dev, memory, control, 5120, 0x100000) == 0
+    assert memory.read(0x100000, 5120) == bytes(range(256)) * 20
+    assert dev.file("bootorder") == b"/rom@genroms/linuxboot_dma.bin\0"
+    assert dev.file("genroms/linuxboot_dma.bin") == b"\x55\xaa\x03ROM"
+    directory = port_read(dev, fw_cfg.FILE_DIR, 4 + 2 * 64)
+    assert struct.unpack(">I", directory[:4])[0] == 2
+    names = [directory[4 + 64 * i + 8:4 + 64 * (i + 1)].rstrip(b"\0") for i in range(2)]
+    assert names == [b"bootorder", b"genroms/linuxboot_dma.bin"]
+
+
+def test_read_only_views_refuse_writes(memory: GuestMemory) -> None:
+    dev = FwCfg(memory)
+    dev.add(fw_cfg.KERNEL_DATA, memoryview(b"abcd"))
+    memory.write(0x3000, b"WXYZ")
+    control = (fw_cfg.KERNEL_DATA << 16) | fw_cfg.CTL_SELECT | fw_cfg.CTL_WRITE
+    assert dma(dev, memory, control, 4, 0x3000) == fw_cfg.CTL_ERROR
+    assert bytes(dev.items[fw_cfg.KERNEL_DATA].data) == b"abcd"

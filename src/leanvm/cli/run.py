@@ -10,10 +10,13 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "run", help="boot a guest (with no arguments: the bundled demo guest)",
-        description="Boot a bare guest program in 64-bit long mode; with no --guest, the "
-                    "bundled demo. Serial output goes to the terminal; a summary follows on "
-                    "stderr. Exit status: 0 after a guest reset, the guest's status after a "
-                    "write to the exit port, 124 on timeout, 3 if the guest failed.")
+        description="Boot a bare guest program in 64-bit long mode (with no --guest, the "
+                    "bundled demo), or firmware from flash (--bios), which can load a Linux "
+                    "kernel given with -kernel/-initrd/-append. Serial output goes to the "
+                    "terminal; a summary follows on stderr. Exit status: 0 after a guest reset, "
+                    "when the firmware finds no boot device or --until matched; the guest's "
+                    "status after a write to the exit port; 124 on timeout; 3 if the guest "
+                    "failed.")
     parser.add_argument("-m", "--memory", default="128M", metavar="SIZE[,maxmem=SIZE][,slots=N]",
                         help="guest RAM as QEMU's -m, e.g. 512M or 2G,maxmem=8G,slots=2; a bare "
                              "number is MiB (default 128M)")
@@ -32,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="COM1: stdio (default), file:PATH or none")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="stop the guest after this many seconds")
+    parser.add_argument("--until", metavar="TEXT",
+                        help="stop the guest (exit status 0) once its serial output contains TEXT")
     parser.add_argument("--cpu-hide", default="", metavar="FEATURES",
                         help="comma-separated CPUID features to hide, e.g. xsave,avx")
     parser.add_argument("--flash", action="append", default=[], metavar="ROLE=FILE[,OPT=V...]",
@@ -93,7 +98,7 @@ def handle(args: argparse.Namespace) -> int:
     with Machine(config) as machine:
         if args.paused:
             return _wait_paused(machine, args.quiet)
-        result = machine.run(timeout=args.timeout)
+        result = machine.run(timeout=args.timeout, until=args.until)
         if args.stats_json:
             _write_stats(args.stats_json, result, machine)
         if not args.quiet:

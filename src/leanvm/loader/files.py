@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from pathlib import Path
 
 from leanvm.errors import ImageError
@@ -19,13 +20,16 @@ def map_readonly(path: str | Path, what: str) -> "mmap.mmap | bytes":
     except FileNotFoundError:
         raise ImageError(f"{path}: no such {what} file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, expected a {what} file") from None
+        raise ImageError(f"{path}: is a directory; the {what} must be a regular file") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot open the {what} ({exc.strerror})") from None
     try:
-        size = os.fstat(fd).st_size
-        if not os.path.isfile(path):
-            raise ImageError(f"{path}: not a regular file, expected a {what} file")
+        info = os.fstat(fd)
+        size = info.st_size
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{path}: is a directory; the {what} must be a regular file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path}: not a regular file; the {what} must be one")
         if size == 0:
             return b""
         return mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ)

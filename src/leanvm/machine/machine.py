@@ -84,7 +84,7 @@ class RunResult(NamedTuple):
     @property
     def exit_code(self) -> int:
         """Process exit code for the CLI: 0 for a reset, the guest's status for its exit port."""
-        if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE):
+        if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE, StopReason.CONSOLE_MATCH):
             return 0
         if self.reason is StopReason.GUEST_EXIT:
             return (self.status or 0) & 0xFF
@@ -117,6 +117,7 @@ class Machine:
         self.result: RunResult | None = None
         self._vcpu_thread: int | None = None
         self._restore_tty: "Callable[[], None] | None" = None
+        self._until: bytes | None = None
 
     # --- building --------------------------------------------------------------------
     def build(self) -> "Machine":
@@ -263,9 +264,11 @@ class Machine:
         return region
 
     # --- running ---------------------------------------------------------------------
-    def run(self, timeout: float | None = None) -> RunResult:
-        """Run the vCPU on this thread until the guest stops the VM (or ``timeout`` s pass)."""
+    def run(self, timeout: float | None = None, until: bytes | str | None = None) -> RunResult:
+        """Run the vCPU on this thread until the guest stops the VM, ``timeout`` seconds pass,
+        or (with ``until``) the serial output contains that text."""
         self.build()
+        self._until = until.encode() if isinstance(until, str) else until
         if self.state is not RunState.READY:
             raise LeanvmError(f"machine cannot run from state {self.state.value}")
         self._open_serial()
@@ -379,6 +382,11 @@ class Machine:
     def _serial_output(self, data: bytes) -> None:
         console = self._console
         console += data
+        until = self._until
+        if until is not None and until in console[-(len(data) + len(until)):]:
+            self._until = None
+            self._control.request(Stop(StopReason.CONSOLE_MATCH,
+                                       f"the serial output showed {until.decode(errors='replace')!r}"))
         if len(console) > 2 * CONSOLE_KEEP:
             del console[:-CONSOLE_KEEP]
         if self._output is not None:

@@ -28,6 +28,7 @@ class StopReason(Enum):
     INTERRUPTED = "interrupted"  # the host asked to stop (Ctrl-C, API)
     UNHANDLED = "unhandled-exit"  # an exit leanvm does not handle
     NO_BOOT_DEVICE = "no-boot-device"  # the firmware found nothing to boot
+    CONSOLE_MATCH = "console-match"  # the serial output showed what run(until=...) waited for
 
 
 class Stop(NamedTuple):

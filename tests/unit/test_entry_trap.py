@@ -1,0 +1,79 @@
+"""The kernel-entry trap: memslots taken out and put back, data accesses served from RAM,
+and only a fault inside the trapped page counts as the entry."""
+
+from __future__ import annotations
+
+from leanvm.machine.builder import Memslots
+from leanvm.machine.entry_trap import EntryTrap, RamWindow
+from leanvm.devices.bus import Bus
+from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
+from leanvm.memory.host import map_anonymous
+
+MiB = 1 << 20
+
+
+class FakeVm:
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, int, int, bool]] = {}
+
+    def set_memory_region(self, slot: int, gpa: int, size: int, host: int,
+                          readonly: bool = False) -> None:
+        if size:
+            self.slots[slot] = (gpa, size, host, readonly)
+        else:
+            self.slots.pop(slot, None)
+
+    def mapped(self, gpa: int) -> int | None:
+        """The host address KVM would use for ``gpa``, or None."""
+        for base, size, host, _ in self.slots.values():
+            if base <= gpa < base + size:
+                return host + gpa - base
+        return None
+
+
+def setup():
+    memory = GuestMemory()
+    region = memory.add(GuestRegion("ram-low", 0, map_anonymous(2 * MiB), RegionKind.RAM))
+    vm = FakeVm()
+    slots = Memslots(vm)  # type: ignore[arg-type]
+    slots.add(region)
+    mmio = Bus("mmio", 1 << 40)
+    trap = EntryTrap(0x10200, memory, slots.punch, slots.unpunch,
+                     lambda base, size, window: mmio.register(base, size, window, "trap"),
+                     mmio.unregister)
+    return memory, region, vm, mmio, trap
+
+
+def test_arming_unmaps_exactly_the_entry_page_and_serves_it_as_mmio() -> None:
+    memory, region, vm, mmio, trap = setup()
+    host = region.mapping.address
+    trap.arm()
+    assert vm.mapped(0x10000) is None and vm.mapped(0x10FFF) is None
+    assert vm.mapped(0xFFFF) == host + 0xFFFF and vm.mapped(0x11000) == host + 0x11000
+    mmio.write(0x10228, 4, 0x20000)  # the guest patching the header while the page is out
+    assert memory.read_int(0x10228, 4) == 0x20000 and mmio.read(0x10228, 4) == 0x20000
+    assert not trap.on_fault(0x20000, 0x2000, 0)  # a fault elsewhere is not the entry
+    assert trap.armed and trap.hit is None
+    assert trap.on_fault(0x10200, 0x1020, 0)
+    assert trap.hit is not None and (trap.hit.address, trap.hit.cs, trap.hit.rip) == (0x10200, 0x1020, 0)
+    assert not trap.armed and vm.mapped(0x10200) == host + 0x10200
+    assert mmio.lookup(0x10200) is None
+    assert sorted(vm.slots.values()) == [(0, 0x10000, host, False), (0x10000, 0x1000, host + 0x10000, False),
+                                         (0x11000, 2 * MiB - 0x11000, host + 0x11000, False)]
+    trap.arm()  # once hit, the trap stays off
+    assert not trap.armed
+
+
+def test_unarmed_trap_ignores_faults() -> None:
+    *_, trap = setup()
+    assert not trap.on_fault(0x10200, 0x1020, 0) and trap.hit is None
+
+
+def test_ram_window_is_bounds_checked_by_guest_memory() -> None:
+    memory, *_ = setup()
+    window = RamWindow(memory, 2 * MiB - 2)
+    import pytest
+    from leanvm.errors import GuestError
+
+    with pytest.raises(GuestError):
+        window.read(0, 4)
