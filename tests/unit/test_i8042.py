@@ -45,3 +45,55 @@ def test_random_traffic_never_raises(ops: list[tuple[int, bool, int]]) -> None:
             dev.write(offset, 1, value)
         else:
             assert 0 <= dev.read(offset, 1) <= 0xFF
+
+
+def drain(dev: I8042) -> list[int]:
+    out = []
+    while dev.read(COMMAND, 1) & 0x01:
+        out.append(dev.read(DATA, 1))
+    return out
+
+
+def test_keyboard_answers_as_firmware_expects() -> None:
+    dev = I8042(lambda: None)
+    dev.write(DATA, 1, 0xFF)  # reset
+    assert drain(dev) == [0xFA, 0xAA]
+    dev.write(DATA, 1, 0xF2)  # identify
+    assert drain(dev) == [0xFA, 0xAB, 0x83]
+    dev.write(DATA, 1, 0xED)  # LEDs, then their parameter
+    assert drain(dev) == [0xFA]
+    dev.write(DATA, 1, 0x07)
+    assert drain(dev) == [0xFA]
+    dev.write(DATA, 1, 0xF0)  # scan-code set: query
+    dev.write(DATA, 1, 0x00)
+    assert drain(dev) == [0xFA, 0xFA, 2]
+    dev.write(DATA, 1, 0xF5)
+    dev.write(DATA, 1, 0x12)  # not a command
+    assert drain(dev) == [0xFA, 0xFE]
+    dev.write(COMMAND, 1, 0xD4)  # to the mouse, which is absent
+    dev.write(DATA, 1, 0xFF)
+    assert drain(dev) == []
+
+
+def test_irq1_follows_the_output_buffer_when_enabled() -> None:
+    levels: list[bool] = []
+    dev = I8042(lambda: None, levels.append)
+    dev.write(COMMAND, 1, 0x60)
+    dev.write(DATA, 1, 0x44)  # keyboard interrupt off
+    dev.write(DATA, 1, 0xFF)
+    assert levels == []
+    drain(dev)
+    dev.write(COMMAND, 1, 0x60)
+    dev.write(DATA, 1, 0x45)  # on
+    dev.write(DATA, 1, 0xF4)
+    assert levels == [True]
+    drain(dev)
+    assert levels == [True, False]
+
+
+@given(st.lists(st.integers(0, 255), max_size=200))
+def test_a_flooding_guest_gets_a_bounded_queue(values: list[int]) -> None:
+    dev = I8042(lambda: None)
+    for value in values:
+        dev.write(DATA, 1, value)
+    assert len(drain(dev)) <= 16

@@ -117,6 +117,9 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
               "stopped_ns", "exit_code")
     data = {name: getattr(result, name) for name in fields}
     data["reason"] = data["reason"].value
+    entry = result.kernel_entry  # type: ignore[attr-defined]
+    data["kernel_entry"] = None if entry is None else {
+        "address": entry.address, "cs": entry.cs, "rip": entry.rip, "time_ns": entry.time_ns}
     data["memmap"] = machine.plan.to_json()  # type: ignore[attr-defined]
     data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
                            for r in machine.memory.regions]  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 RAM_REGIONS = ("ram-low", "ram-high")
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+KBD_IRQ = 1
 I8042_PORT = 0x60
 DEBUG_EXIT_PORT = 0xF4
 
@@ -166,7 +167,7 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     pio = Bus("pio", 0x10000)
     mmio = Bus("mmio", 1 << 52)
     serial = Serial16550(output, lambda level: irq_line(COM1_IRQ, level))
-    i8042 = I8042(on_reset)
+    i8042 = I8042(on_reset, lambda level: irq_line(KBD_IRQ, level))
     debug_exit = DebugExit(on_exit)
     low = plan.get("ram-low").size
     high = plan.get("ram-high").size if any(r.name == "ram-high" for r in plan.enabled()) else 0
