@@ -5,6 +5,7 @@ leanvm stops the VM cleanly."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,17 @@ def test_seabios_starts_from_flash_and_finds_fw_cfg() -> None:
         result = vm.run(timeout=120)
         log = vm.debug_console.decode(errors="replace")
         assert vm.bios_area is not None and vm.bios_area.pam[0] & 0x30  # shadowed, then locked
+        segment = vm.memory.read(0xF0000, 0x10000)
+        anchor = segment.find(b"_SM_")
+        assert anchor >= 0 and anchor % 16 == 0
+        length, address = struct.unpack_from("<HI", segment, anchor + 0x16)
+        smbios = vm.memory.read(address, length)
     assert log.startswith("SeaBIOS (version ")
     assert "Running on QEMU (i440fx)" in log
     assert "QEMU fw_cfg DMA interface supported" in log
     assert "3: 0000000000100000 - 0000000008000000 = 1 RAM" in log
     assert "4: 00000000feffc000 - 00000000ff000000 = 2 RESERVED" in log
+    assert b"leanvm\0" in smbios and smbios[0] == 0  # SeaBIOS's type 0, then leanvm's tables
+    assert "PS2 keyboard initialized" in log and "Timeout at ps2" not in log
     assert result.reason is StopReason.NO_BOOT_DEVICE and result.exit_code == 0
     assert "No bootable device" in result.detail

@@ -200,6 +200,11 @@ def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:
     if private.enabled:
         entries.append((private.base, private.size, E820_RESERVED))
     config.add_file("etc/e820", b"".join(struct.pack("<QQI", *e) for e in sorted(entries)))
+    from leanvm.firmware.smbios import smbios_tables
+
+    anchor, tables = smbios_tables()
+    config.add_file("etc/smbios/smbios-anchor", anchor)
+    config.add_file("etc/smbios/smbios-tables", tables)
     return config
 
 

@@ -10,7 +10,7 @@ from leanvm.errors import ConfigError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": TiB}  # bare numbers are MiB, as in QEMU
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$"  # compiled on first use
 
 DEFAULT_MEMORY = 128 * MiB
 MIN_MEMORY = 2 * MiB
@@ -20,7 +20,7 @@ PAGE = 4096
 
 def parse_size(text: str, what: str = "size", default_unit: str = "M") -> int:
     """'512M', '4G', '1.5G', '64K', '512' (MiB, like QEMU's -m) -> bytes."""
-    match = _SIZE.match(str(text))
+    match = re.match(_SIZE_PATTERN, str(text), re.IGNORECASE)
     if not match:
         raise ConfigError(f"bad {what} {text!r}: expected a number with an optional K, M, G or T "
                           "suffix, e.g. 512M")
