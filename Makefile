@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/exit_cost.py
 	$(PY) bench/startup.py
 	$(PY) bench/flash_memory.py
+	$(PY) bench/firmware_boot.py
 
 # Rebuild the bundled demo guest from tests/guests/programs/demo.c.
 demo-guest: $(STAMP)
