@@ -67,8 +67,9 @@ def test_firmware_boots_the_test_kernel(firmware: str, test_kernel: Path, tmp_pa
     payload = b"leanvm initrd for " + firmware.encode() + b"\n" + bytes(range(256)) * 40
     initrd.write_bytes(payload)
     with Machine(memory="64M", bios=FIRMWARE[firmware], kernel=test_kernel, initrd=initrd,
-                 cmdline=CMDLINE) as vm:
+                 cmdline=CMDLINE, trace=True) as vm:
         result = vm.run(timeout=120)
+        events = vm.trace_events
     console = vm.console.decode(errors="replace")
     assert result.reason is StopReason.GUEST_EXIT and result.status == 0, (result.detail, console)
     # The initrd ends at the top of RAM, page aligned, below what firmware keeps for itself.
@@ -80,6 +81,17 @@ def test_firmware_boots_the_test_kernel(firmware: str, test_kernel: Path, tmp_pa
     entry = result.kernel_entry
     assert entry is not None and entry.address == 0x10200 and (entry.cs, entry.rip) == (0x1020, 0)
     assert result.first_entry_ns < entry.time_ns < result.stopped_ns
+    # the boot timeline has the firmware's phases, the copies and the entry, in boot order
+    phases = [e.name for e in events if e.cat in ("firmware", "fw_cfg", "vmm", "guest")]
+    wanted = ["first vCPU entry", "copy setup", "copy kernel", "copy cmdline", "copy initrd",
+              "kernel entry", "first serial byte", "stop"]
+    if firmware == "seabios":
+        wanted = ["first vCPU entry", "BIOS post", "BIOS option ROM scan", "copy option ROM",
+                  "option ROM init", "BIOS int 19", "BIOS boot OS", "copy setup", "copy initrd",
+                  "copy kernel", "copy cmdline", "kernel entry", "first serial byte", "stop"]
+    assert [p for p in phases if p in wanted] == wanted, phases
+    copy = next(e for e in events if e.name == "copy initrd")
+    assert copy.dur > 0 and copy.args == {"bytes": len(payload), "dma": True}
 
 
 @pytest.mark.slow

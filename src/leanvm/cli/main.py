@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from leanvm.cli import flash, memmap, run, version
+    from leanvm.cli import flash, memmap, run, trace, version
 
     parser = _Parser(prog="leanvm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"leanvm {__version__}")
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     memmap.add_parser(sub)
     flash.add_parser(sub)
+    trace.add_parser(sub)
     version.add_parser(sub)
     return parser
 

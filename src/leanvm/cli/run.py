@@ -64,6 +64,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("-S", dest="paused", action="store_true",
                         help="build the VM but do not start the vCPU; wait for SIGTERM or Ctrl-C "
                              "(as QEMU's -S), e.g. to measure what an idle VM costs")
+    parser.add_argument("--timeline", action="store_true",
+                        help="record the boot timeline and print it at exit (time since the "
+                             "process start, delta, phase)")
+    parser.add_argument("--trace", type=Path, metavar="FILE",
+                        help="record the boot timeline and write it to FILE: Chrome/Perfetto "
+                             "trace-event JSON if FILE ends in .json, else JSON lines")
+    parser.add_argument("--probes", type=Path, metavar="FILE",
+                        help="names for probe ids fired on port 0x404: lines 'ID NAME'")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
                         help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
@@ -87,6 +95,8 @@ def handle(args: argparse.Namespace) -> int:
     config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
                            bios=args.bios, debugcon=args.debugcon, guest=args.guest,
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
+                           trace=bool(args.timeline or args.trace),
+                           probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,
                            hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
@@ -105,7 +115,42 @@ def handle(args: argparse.Namespace) -> int:
             from leanvm.cli.summary import print_summary
 
             print_summary(machine, result, sys.stderr)
+        if args.trace:
+            from leanvm.trace.files import write_trace
+
+            write_trace(args.trace, machine.trace_events, machine.tracer.origin,
+                        machine.tracer.dropped)
+        if args.timeline:
+            from leanvm.trace.render import table
+
+            sys.stderr.write(table(machine.trace_events, machine.tracer.origin))
     return result.exit_code
+
+
+def _probe_table(path: Path) -> tuple[tuple[int, str], ...]:
+    """'ID NAME' lines (ID decimal or 0x-hex; # starts a comment) -> ((id, name), ...)."""
+    from leanvm.errors import ConfigError
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the probe table ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the probe table is not text") from None
+    table = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        ident, _, name = line.partition(" ")
+        try:
+            value = int(ident, 0)
+        except ValueError:
+            value = -1
+        if not 0 <= value < 1 << 64 or not name.strip():
+            raise ConfigError(f"{path}:{number}: expected 'ID NAME' with a number ID, got {raw!r}")
+        table.append((value, name.strip()))
+    return tuple(table)
 
 
 def _write_stats(path: Path, result: object, machine: object) -> None:

@@ -15,6 +15,8 @@ from leanvm.devices.fw_cfg import FwCfg
 from leanvm.devices.i8042 import I8042
 from leanvm.devices.pci import PciHost
 from leanvm.devices.port92 import Port92
+from leanvm.devices.probe import MMIO_SIZE as PROBE_MMIO_SIZE, PORT as PROBE_PORT
+from leanvm.devices.probe import PORT_SIZE as PROBE_PORT_SIZE, ProbePort
 from leanvm.devices.serial import Serial16550
 from leanvm.kvm.vm import Vm
 from leanvm.layout.region import MemoryMap
@@ -155,6 +157,7 @@ class Platform(NamedTuple):
     debugcon: DebugCon
     fw_cfg: FwCfg
     pci: PciHost
+    probe: ProbePort
 
 
 E820_RAM, E820_RESERVED = 1, 2
@@ -184,7 +187,16 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     pio.register(DEBUGCON_PORT, 1, debugcon, "debugcon")
     pio.register(fw.PORT_BASE, fw.PORT_SIZE, config, "fw_cfg")
     pio.register(0xCF8, 8, pci, "pci")
-    return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config, pci)
+    probe = ProbePort()
+    pio.register(PROBE_PORT, PROBE_PORT_SIZE, probe, "probe")
+    mmio.register(probe_mmio_address(plan), PROBE_MMIO_SIZE, probe, "probe")
+    return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config, pci,
+                    probe)
+
+
+def probe_mmio_address(plan: MemoryMap) -> int:
+    """The probe port's MMIO twin: the first slot of the platform-device window."""
+    return plan.get("platform").base
 
 
 def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:

@@ -93,7 +93,7 @@ class MachineConfig:
 
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
-                 "debugcon", "kernel", "initrd", "cmdline")
+                 "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -103,7 +103,8 @@ class MachineConfig:
                  flash: tuple = (), max_fw_size: int | str = 8 * MiB,
                  bios: Path | str | None = None, debugcon: SerialConfig | str = SerialConfig(),
                  kernel: Path | str | None = None, initrd: Path | str | None = None,
-                 cmdline: str = "") -> None:
+                 cmdline: str = "", trace: bool = False,
+                 probe_names: tuple[tuple[int, str], ...] = ()) -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -135,6 +136,8 @@ class MachineConfig:
         self.kernel: Path | None = Path(kernel) if kernel is not None else None  # a bzImage
         self.initrd: Path | None = Path(initrd) if initrd is not None else None
         self.cmdline: str = cmdline
+        self.trace: bool = trace  # record the boot timeline (Machine.tracer)
+        self.probe_names: tuple[tuple[int, str], ...] = tuple(probe_names)  # probe id -> name
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
         if self.kernel is not None and self.guest is not None:

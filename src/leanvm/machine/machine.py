@@ -26,6 +26,7 @@ from leanvm.machine.timing import process_start_ns
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import HostMapping
+from leanvm.trace.events import Tracer
 
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
@@ -34,7 +35,10 @@ if TYPE_CHECKING:
 
     from leanvm.devices.bus import BusDevice
     from leanvm.loader.fwcfg_kernel import FirmwareKernel
+    from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
+    from leanvm.machine.tracing import BootTrace
+    from leanvm.trace.events import Event
 
     from leanvm.memory.residency import Residency
 
@@ -118,6 +122,14 @@ class Machine:
         self._vcpu_thread: int | None = None
         self._restore_tty: "Callable[[], None] | None" = None
         self._until: bytes | None = None
+        self.tracer = Tracer(config.trace, origin=self.process_start_ns)
+        self._boot_trace: "BootTrace | None" = None
+        if config.trace:
+            from leanvm.machine.tracing import BootTrace
+
+            self._boot_trace = BootTrace(self.tracer, dict(config.probe_names))
+            self.tracer.instant("vmm", "process start", ts=self.process_start_ns)
+            self.tracer.instant("vmm", "configuration parsed")
 
     # --- building --------------------------------------------------------------------
     def build(self) -> "Machine":
@@ -151,6 +163,8 @@ class Machine:
         self.memslots = Memslots(self.vm)
         for region in self.memory.regions:
             self.memslots.add(region)
+        if self.tracer.enabled:
+            self.tracer.instant("vmm", "memory ready")
 
         self.platform: Platform = build_platform(self.plan, self.memory, self._serial_output,
                                                  self._debug_output, self.vm.irq_line,
@@ -176,6 +190,8 @@ class Machine:
         self.entry_trap: "EntryTrap | None" = None
         if kernel is not None:
             self.kernel = self._serve_kernel(kernel)
+        if self._boot_trace is not None:
+            self._wire_tracing(self._boot_trace)
         self.vcpu = self.vm.create_vcpu(0)
         if image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
             self.vcpu.set_cpuid(cpuid)
@@ -184,7 +200,26 @@ class Machine:
             setup_long_mode(self.vcpu, boot, cpuid)
         self.image = image
         self.state = RunState.READY
+        if self.tracer.enabled:
+            self.tracer.instant("vmm", "images loaded")
         return self
+
+    def _wire_tracing(self, boot: "BootTrace") -> None:
+        config = self.platform.fw_cfg
+        previous = config.on_transfer
+
+        def on_transfer(transfer: "Transfer") -> None:
+            boot.fw_cfg(transfer)
+            if previous is not None:
+                previous(transfer)
+
+        config.on_transfer = on_transfer
+        self.platform.probe.on_probe = boot.probe
+
+    @property
+    def trace_events(self) -> "list[Event]":
+        """The boot timeline so far (empty unless the machine was made with trace=True)."""
+        return self.tracer.sorted_events()
 
     def _map_kernel(self) -> tuple[Any, Any]:
         from leanvm.loader.files import map_readonly
@@ -289,6 +324,8 @@ class Machine:
                 timer.cancel()
             self._close_serial()
             self.state = RunState.STOPPED
+        if self.tracer.enabled:
+            self._trace_run(first_entry, stopped, stop)
         rip = None
         if stop.reason in (StopReason.INTERNAL_ERROR, StopReason.SHUTDOWN, StopReason.UNHANDLED):
             try:
@@ -301,6 +338,17 @@ class Machine:
                                 self.process_start_ns, first_entry, stopped,
                                 self.entry_trap.hit if self.entry_trap is not None else None)
         return self.result
+
+    def _trace_run(self, first_entry: int, stopped: int, stop: Stop) -> None:
+        tracer = self.tracer
+        tracer.instant("vmm", "first vCPU entry", ts=first_entry)
+        hit = self.entry_trap.hit if self.entry_trap is not None else None
+        if hit is not None:
+            tracer.instant("vmm", "kernel entry", ts=hit.time_ns,
+                           args={"address": f"{hit.address:#x}"})
+        tracer.instant("vmm", "shutdown request", ts=self._control.requested_ns or stopped,
+                       args={"reason": stop.reason.value})
+        tracer.instant("vmm", "stop", ts=stopped)
 
     def stop(self, detail: str = "stopped by the host") -> None:
         """Ask a running machine to stop (from any thread)."""
@@ -355,6 +403,8 @@ class Machine:
                                    f"the guest exited with status {status}", status))
 
     def _debug_output(self, data: bytes) -> None:
+        if self._boot_trace is not None:
+            self._boot_trace.debugcon(data)
         if self._debug_stream is not None:
             self._debug_stream.write(data)
         if data == b"\n":
@@ -380,6 +430,8 @@ class Machine:
         return bytes(self._debug_console)
 
     def _serial_output(self, data: bytes) -> None:
+        if self._boot_trace is not None:
+            self._boot_trace.serial(data)
         console = self._console
         console += data
         until = self._until

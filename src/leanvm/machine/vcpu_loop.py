@@ -7,6 +7,7 @@ asked to stop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 from enum import Enum
@@ -41,16 +42,18 @@ class Stop(NamedTuple):
 class LoopControl:
     """Shared between the loop and whoever may stop it (devices, timers, other threads)."""
 
-    __slots__ = ("stop", "exits", "on_emulation_failure")
+    __slots__ = ("stop", "exits", "on_emulation_failure", "requested_ns")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
+        self.requested_ns = 0  # CLOCK_MONOTONIC when the stop was requested
         self.exits = 0
         # Called with the exit; True means it was handled and the vCPU goes on.
         self.on_emulation_failure: Callable[[ex.InternalError], bool] | None = None
 
     def request(self, stop: Stop) -> None:
         if self.stop is None:
+            self.requested_ns = time.monotonic_ns()
             self.stop = stop
 
 

@@ -1,0 +1,85 @@
+"""Turns what the machine sees into timeline events: debug-console and serial lines (each
+timestamped at its first byte), fw_cfg transfers, probes, the kernel entry.
+
+Machine calls these only when its tracer is enabled (one attribute check per site)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from leanvm.trace.events import BUILTIN_PROBES, Tracer
+from leanvm.trace.phases import CONSOLE_LINES, FIRMWARE_LINES, FW_CFG_SPANS, LineMatcher
+
+if TYPE_CHECKING:
+    from leanvm.devices.fw_cfg import Transfer
+
+MAX_LINE = 240  # longer lines are cut in the trace (not on the console)
+
+
+class _Lines:
+    """Bytes -> lines, each stamped when its first byte arrived."""
+
+    __slots__ = ("buffer", "started")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.started = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, str]]:
+        done = []
+        for byte in data:
+            if not self.buffer and not self.started:
+                self.started = time.monotonic_ns()
+            if byte == 0x0A:
+                text = self.buffer.decode(errors="replace").rstrip("\r")
+                done.append((self.started, text))
+                self.buffer.clear()
+                self.started = 0
+            elif len(self.buffer) < MAX_LINE:
+                self.buffer.append(byte)
+        return done
+
+
+class BootTrace:
+    def __init__(self, tracer: Tracer, probe_names: dict[int, str] | None = None) -> None:
+        self.tracer = tracer
+        self.names = {**BUILTIN_PROBES, **(probe_names or {})}
+        self._debug = _Lines()
+        self._serial = _Lines()
+        self._firmware = LineMatcher(FIRMWARE_LINES)
+        self._console = LineMatcher(CONSOLE_LINES)
+        self._first_serial = False
+
+    def debugcon(self, data: bytes) -> None:
+        for ts, line in self._debug.feed(data):
+            self.tracer.instant("debugcon", line, ts=ts)
+            phase = self._firmware.match(line)
+            if phase is not None:
+                self.tracer.instant("firmware", phase, ts=ts, args={"line": line})
+
+    def serial(self, data: bytes) -> None:
+        if not self._first_serial and data:
+            self._first_serial = True
+            self.tracer.instant("guest", "first serial byte")
+        for ts, line in self._serial.feed(data):
+            self.tracer.instant("console", line, ts=ts)
+            phase = self._console.match(line)
+            if phase is not None:
+                self.tracer.instant("guest", phase, ts=ts, args={"line": line})
+
+    def fw_cfg(self, transfer: "Transfer") -> None:
+        phase = FW_CFG_SPANS.get(transfer.name)
+        args = {"bytes": transfer.bytes, "dma": transfer.dma}
+        if phase is not None:
+            self.tracer.span("fw_cfg", phase, transfer.start_ns, transfer.end_ns, args)
+        else:
+            self.tracer.span("fw_cfg-item", f"read {transfer.name}", transfer.start_ns,
+                             transfer.end_ns, args)
+
+    def probe(self, probe_id: int, args: tuple[int, ...]) -> None:
+        name = self.names.get(probe_id, f"probe {probe_id}")
+        detail: dict[str, object] = {"id": probe_id}
+        if args:
+            detail["args"] = list(args)
+        self.tracer.instant("probe", name, args=detail)
