@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/startup.py
 	$(PY) bench/flash_memory.py
 	$(PY) bench/firmware_boot.py
+	$(PY) bench/trace_overhead.py
 
 # Rebuild the bundled demo guest from tests/guests/programs/demo.c.
 demo-guest: $(STAMP)
