@@ -13,7 +13,7 @@ from _common import build_guest, median, save
 
 from leanvm.machine.machine import Machine
 
-PLATFORM = 0xD000_0000
+PLATFORM = 0xD0FF_F000
 
 
 def once(binary: str, probes: int, trace: bool) -> tuple[float, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from leanvm.machine.machine import Machine
 from leanvm.machine.vcpu_loop import StopReason
 
-PLATFORM = 0xD000_0000  # the probe's MMIO twin on the leanvm machine (docs/tracing.md)
+PLATFORM = 0xD0FF_F000  # the probe's MMIO twin on the leanvm machine (docs/tracing.md)
 EXPECTED = [
     ("vmm", "process start"), ("vmm", "configuration parsed"), ("vmm", "memory ready"),
     ("vmm", "images loaded"), ("vmm", "first vCPU entry"), ("debugcon", "probes: start"),

@@ -195,8 +195,10 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
 
 
 def probe_mmio_address(plan: MemoryMap) -> int:
-    """The probe port's MMIO twin: the first slot of the platform-device window."""
-    return plan.get("platform").base
+    """The probe port's MMIO twin: the last 4 KiB slot of the platform-device window (the
+    first slots are for devices users and virtio add)."""
+    window = plan.get("platform")
+    return window.base + window.size - 0x1000
 
 
 def build_fw_cfg(plan: MemoryMap, memory: GuestMemory, cpus: int = 1) -> FwCfg:
