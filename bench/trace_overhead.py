@@ -30,7 +30,7 @@ def once(binary: str, probes: int, trace: bool) -> tuple[float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probes", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     binary = str(build_guest("probes"))
     off, on = [], []

@@ -38,7 +38,7 @@ def test_tracer_caps_its_memory() -> None:
     for i in range(5):
         tracer.instant("probe", f"p{i}", ts=10 - i)
     tracer.span("fw_cfg", "copy", 1, 2)
-    assert len(tracer.events) == 3 and tracer.dropped == 3
+    assert len(tracer.events) == 3 and tracer.dropped == 3 and len(tracer) == 3
     assert [e.ts for e in tracer.sorted_events()] == [8, 9, 10]
 
 

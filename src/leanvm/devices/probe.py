@@ -40,9 +40,14 @@ class ProbePort:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == FIRE:
             self.fired += 1
-            args, self._args = tuple(self._args), []
-            if self.on_probe is not None:
-                self.on_probe(value, args)
+            queued = self._args
+            args = ()
+            if queued:
+                args = tuple(queued)
+                queued.clear()
+            on_probe = self.on_probe
+            if on_probe is not None:
+                on_probe(value, args)
         elif offset == ARG:
             if len(self._args) < MAX_ARGS:
                 self._args.append(value)

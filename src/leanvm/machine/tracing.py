@@ -44,7 +44,8 @@ class _Lines:
 class BootTrace:
     def __init__(self, tracer: Tracer, probe_names: dict[int, str] | None = None) -> None:
         self.tracer = tracer
-        self.names = {**BUILTIN_PROBES, **(probe_names or {})}
+        tracer.probe_names = {**BUILTIN_PROBES, **(probe_names or {})}
+        self.probe = tracer.probe  # the device calls the tracer directly: (id, args)
         self._debug = _Lines()
         self._serial = _Lines()
         self._firmware = LineMatcher(FIRMWARE_LINES)
@@ -76,10 +77,3 @@ class BootTrace:
         else:
             self.tracer.span("fw_cfg-item", f"read {transfer.name}", transfer.start_ns,
                              transfer.end_ns, args)
-
-    def probe(self, probe_id: int, args: tuple[int, ...]) -> None:
-        name = self.names.get(probe_id, f"probe {probe_id}")
-        detail: dict[str, object] = {"id": probe_id}
-        if args:
-            detail["args"] = list(args)
-        self.tracer.instant("probe", name, args=detail)

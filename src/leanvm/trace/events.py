@@ -30,31 +30,81 @@ class Event(NamedTuple):
 
 
 class Tracer:
-    __slots__ = ("enabled", "events", "dropped", "limit", "origin")
+    """Records events as plain tuples (ts, cat, name, dur, args), and probes, the one kind a
+    guest can fire at exit rate, as integers in an array: ts, id, argument count, arguments
+    (24 bytes for a probe without arguments, so a long run of probes costs little host memory
+    and few page faults). ``events`` gives everything as Event values, in time order."""
+
+    __slots__ = ("enabled", "_records", "_probes", "probe_names", "dropped",
+                 "limit", "origin", "_room")
 
     def __init__(self, enabled: bool = False, origin: int = 0, limit: int = DEFAULT_LIMIT) -> None:
+        from array import array
+
         self.enabled = enabled
-        self.events: list[Event] = []
+        self._records: list[tuple[int, str, str, int, dict[str, Any] | None]] = []
+        self._probes = array("Q")
+        self.probe_names: dict[int, str] = {}
         self.dropped = 0
         self.limit = limit
+        self._room = limit  # events that may still be recorded
         self.origin = origin  # the process start: times are shown relative to it
+
+    def __len__(self) -> int:
+        return self.limit - self._room
 
     def instant(self, cat: str, name: str, ts: int | None = None,
                 args: dict[str, Any] | None = None) -> None:
-        if len(self.events) >= self.limit:
+        if self._room <= 0:
             self.dropped += 1
             return
-        self.events.append(Event(time.monotonic_ns() if ts is None else ts, cat, name, 0, args))
+        self._room -= 1
+        self._records.append((_now() if ts is None else ts, cat, name, 0, args))
 
     def span(self, cat: str, name: str, start: int, end: int,
              args: dict[str, Any] | None = None) -> None:
-        if len(self.events) >= self.limit:
+        if self._room <= 0:
             self.dropped += 1
             return
-        self.events.append(Event(start, cat, name, max(end - start, 0), args))
+        self._room -= 1
+        self._records.append((start, cat, name, max(end - start, 0), args))
+
+    def probe(self, probe_id: int, args: tuple[int, ...] = ()) -> None:
+        """A guest probe (category "probe"), named from ``probe_names`` when read back.
+        ``probe_id`` and ``args`` are unsigned 64-bit values (what a port or MMIO write
+        carries). The hot path of a probe-heavy guest: keep it short."""
+        if self._room <= 0:
+            self.dropped += 1
+            return
+        self._room -= 1
+        if args:
+            self._probes.extend((_now(), probe_id, len(args), *args))
+        else:
+            self._probes.extend((_now(), probe_id, 0))
+
+    def _probe_events(self) -> list[Event]:
+        out = []
+        data, index, names = self._probes, 0, self.probe_names
+        while index < len(data):
+            ts, ident, count = data[index], data[index + 1], data[index + 2]
+            args: dict[str, Any] = {"id": ident}
+            if count:
+                args["args"] = list(data[index + 3:index + 3 + count])
+            out.append(Event(ts, "probe", names.get(ident, f"probe {ident}"), 0, args))
+            index += 3 + count
+        return out
+
+    @property
+    def events(self) -> list[Event]:
+        """Everything recorded, in time order (ties in the order recorded)."""
+        merged = [Event(*record) for record in self._records] + self._probe_events()
+        return sorted(merged, key=lambda e: e.ts)
 
     def sorted_events(self) -> list[Event]:
-        return sorted(self.events, key=lambda e: e.ts)
+        return self.events
+
+
+_now = time.monotonic_ns
 
 
 # Probe ids of the 2011 boot-time hack (SeaBIOS and LinuxBoot writing to port 0x404).
