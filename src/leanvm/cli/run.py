@@ -116,10 +116,7 @@ def handle(args: argparse.Namespace) -> int:
 
             print_summary(machine, result, sys.stderr)
         if args.trace:
-            from leanvm.trace.files import write_trace
-
-            write_trace(args.trace, machine.trace_events, machine.tracer.origin,
-                        machine.tracer.dropped)
+            machine.write_trace(args.trace)
         if args.timeline:
             from leanvm.trace.render import table
 

@@ -216,6 +216,12 @@ class Machine:
         config.on_transfer = on_transfer
         self.platform.probe.on_probe = boot.probe
 
+    def write_trace(self, path: "str | Path") -> None:
+        """Save the boot timeline: trace-event JSON for *.json, else JSON lines."""
+        from leanvm.trace.files import write_trace
+
+        write_trace(Path(path), self.trace_events, self.tracer.origin, self.tracer.dropped)
+
     @property
     def trace_events(self) -> "list[Event]":
         """The boot timeline so far (empty unless the machine was made with trace=True)."""
