@@ -105,6 +105,11 @@ def handle(args: argparse.Namespace) -> int:
         from leanvm.errors import ConfigError
 
         raise ConfigError(f"bad --timeout {args.timeout}: expected a positive number of seconds")
+    if args.trace is not None and not os.access(args.trace.parent or Path("."), os.W_OK):
+        from leanvm.errors import ConfigError
+
+        raise ConfigError(f"{args.trace}: cannot write the trace there (no writable directory "
+                          f"{args.trace.parent})")
     with Machine(config) as machine:
         if args.paused:
             return _wait_paused(machine, args.quiet)
