@@ -153,7 +153,11 @@ def test_kernel_errors_are_one_line(test_kernel: Path, tmp_path: Path) -> None:
                                *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (extra, done.stderr)
         assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
-    done = subprocess.run([sys.executable, "-m", "leanvm", "run", "-kernel", str(test_kernel)],
+    old = tmp_path / "old-kernel"
+    data = bytearray(test_kernel.read_bytes())
+    data[0x236] = 0  # no XLF_KERNEL_64: firmware can boot it, the 64-bit entry cannot
+    old.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "leanvm", "run", "-kernel", str(old)],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "direct Linux boot" in done.stderr and \
+    assert done.returncode == 2 and "old-kernel: no 64-bit entry point" in done.stderr and \
         done.stderr.count("\n") == 1, done.stderr

@@ -85,7 +85,7 @@ def load_bare(memory: GuestMemory, image: GuestImage, args: str = "") -> BootSta
             memory.write(seg.address + len(seg.data), bytes(seg.memory_size - len(seg.data)))
 
     memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
-    _write_page_tables(memory)
+    write_identity_page_tables(memory)
     memory.write(ARGS_ADDRESS, encoded + b"\0")
     memory.write(BOOT_INFO_ADDRESS, BOOT_INFO.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, ram,
                                                    ARGS_ADDRESS, len(encoded), image.end))
@@ -94,7 +94,7 @@ def load_bare(memory: GuestMemory, image: GuestImage, args: str = "") -> BootSta
                      gdt_limit=8 * len(GDT_ENTRIES) - 1)
 
 
-def _write_page_tables(memory: GuestMemory) -> None:
+def write_identity_page_tables(memory: GuestMemory) -> None:
     """Identity map [0, 4 GiB) with 2 MiB pages (user-accessible, so CPL 3 tests can run)."""
     flags = PTE_PRESENT | PTE_WRITE | PTE_USER
     memory.write(PML4_ADDRESS, struct.pack("<Q", PDPT_ADDRESS | flags) + bytes(4096 - 8))

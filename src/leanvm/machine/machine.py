@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from leanvm.devices.bus import BusDevice
     from leanvm.loader.fwcfg_kernel import FirmwareKernel
+    from leanvm.loader.linux64 import DirectKernel
     from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
     from leanvm.machine.tracing import BootTrace
@@ -143,11 +144,8 @@ class Machine:
         config = self.config
         firmware = config.bios is not None or (
             config.guest is None and any(spec.role == "code" for spec in config.flash))
-        if config.kernel is not None and not firmware:
-            raise ConfigError("-kernel without firmware is direct Linux boot, which leanvm does "
-                              "not do yet; boot the kernel through firmware with --bios "
-                              "/usr/share/seabios/bios.bin (or qboot.rom)")
-        image = None if firmware else load_image(config.guest or demo_guest_path())
+        direct = config.kernel is not None and not firmware  # Linux, 64-bit boot protocol
+        image = None if firmware or direct else load_image(config.guest or demo_guest_path())
         kernel = self._map_kernel() if config.kernel is not None else None
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
@@ -187,13 +185,17 @@ class Machine:
             if self.bios_area is not None:
                 self.platform.pci.host_bridge.on_write = _pam_forwarder(self.bios_area)
         self.kernel = None
+        self.direct_kernel: "DirectKernel | None" = None
         self.entry_trap: "EntryTrap | None" = None
-        if kernel is not None:
+        if kernel is not None and not direct:
             self.kernel = self._serve_kernel(kernel)
         if self._boot_trace is not None:
             self._wire_tracing(self._boot_trace)
         self.vcpu = self.vm.create_vcpu(0)
-        if image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
+        if direct:
+            self.direct_kernel = self._load_direct(kernel)
+            setup_long_mode(self.vcpu, self.direct_kernel.boot, cpuid)
+        elif image is None:  # firmware boot: the vCPU stays at the reset vector (F000:FFF0)
             self.vcpu.set_cpuid(cpuid)
         else:
             boot = load_bare(self.memory, image, config.args)
@@ -236,6 +238,22 @@ class Machine:
         kernel = map_readonly(config.kernel, "kernel")
         initrd = map_readonly(config.initrd, "initrd") if config.initrd is not None else b""
         return kernel, initrd
+
+    def _load_direct(self, files: tuple[Any, Any]) -> "DirectKernel":
+        """Load a bzImage ourselves and enter its 64-bit entry point (no firmware)."""
+        from leanvm.loader.linux64 import linux_e820, load_linux64
+
+        config = self.config
+        kernel, initrd = files
+        ram = [(r.base, r.size) for r in self.plan.enabled() if r.name.startswith("ram")]
+        reserved = [(r.base, r.size) for r in self.plan.enabled() if r.name == "kvm-private"]
+        loaded = load_linux64(self.memory, memoryview(kernel), str(config.kernel), initrd,
+                              str(config.initrd), config.cmdline, linux_e820(ram, reserved),
+                              self.plan.get("ram-low").size)
+        if self.tracer.enabled:
+            self.tracer.instant("vmm", "kernel loaded",
+                                args={"entry": f"{loaded.entry:#x}", "initrd": loaded.initrd_size})
+        return loaded
 
     def _serve_kernel(self, files: tuple[Any, Any]) -> "FirmwareKernel":
         """Hand the kernel, initrd and command line to the firmware through fw_cfg."""

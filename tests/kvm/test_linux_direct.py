@@ -1,0 +1,37 @@
+"""Direct Linux boot: leanvm loads a bzImage itself and enters its 64-bit entry point with
+boot_params, command line, initrd and e820 map in place (no firmware)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from leanvm.machine.machine import Machine
+from leanvm.machine.vcpu_loop import StopReason
+
+
+def test_test_kernel_gets_boot_params_cmdline_and_initrd(test_kernel: Path, tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    payload = b"direct initrd\n" + bytes(range(256)) * 16
+    initrd.write_bytes(payload)
+    with Machine(memory="64M", kernel=test_kernel, initrd=initrd, cmdline="root=none x=1",
+                 trace=True) as vm:
+        loaded = vm.direct_kernel
+        assert loaded is not None and loaded.entry == 0x100200
+        zero_page = vm.memory.read(0x7000, 4096)
+        result = vm.run(timeout=60)
+        events = [e.name for e in vm.trace_events]
+    console = vm.console.decode(errors="replace")
+    assert result.reason is StopReason.GUEST_EXIT and result.status == 0, (result.detail, console)
+    assert "leanvm-test-kernel: entry 64-bit boot_params=0x0000000000007000" in console
+    assert "loader: 0x00000000000000ff" in console and "cmdline: root=none x=1\r\n" in console
+    assert f"initrd: {len(payload)} bytes at {loaded.initrd_address:#018x}" in console
+    assert "initrd text: direct initrd" in console
+    assert loaded.initrd_address % 4096 == 0 and loaded.initrd_address + len(payload) <= 64 << 20
+    # the zero page: header copied, e820 with the legacy hole left out
+    assert zero_page[0x202:0x206] == b"HdrS" and zero_page[0x210] == 0xFF
+    count = zero_page[0x1E8]
+    e820 = [struct.unpack_from("<QQI", zero_page, 0x2D0 + 20 * i) for i in range(count)]
+    assert e820[0] == (0, 0x9FC00, 1) and e820[1] == (0x100000, (64 << 20) - 0x100000, 1)
+    assert (0xFEFFC000, 0x4000, 2) in e820
+    assert events.index("kernel loaded") < events.index("first vCPU entry")
