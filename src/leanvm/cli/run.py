@@ -50,8 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="boot firmware (e.g. /usr/share/seabios/bios.bin) from flash bank 0 "
                              "at the reset vector instead of a bare guest")
     parser.add_argument("-kernel", "--kernel", type=Path, metavar="BZIMAGE",
-                        help="Linux kernel (bzImage) for the firmware to load through fw_cfg "
-                             "(needs --bios or a code flash bank)")
+                        help="Linux kernel (bzImage): with --bios or a code flash bank the "
+                             "firmware loads it through fw_cfg; without, leanvm loads it and "
+                             "enters its 64-bit entry point")
     parser.add_argument("-initrd", "--initrd", type=Path, metavar="FILE",
                         help="initial RAM disk for -kernel")
     parser.add_argument("-append", "--append", default="", metavar="CMDLINE",
