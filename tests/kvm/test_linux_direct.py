@@ -35,3 +35,25 @@ def test_test_kernel_gets_boot_params_cmdline_and_initrd(test_kernel: Path, tmp_
     assert e820[0] == (0, 0x9FC00, 1) and e820[1] == (0x100000, (64 << 20) - 0x100000, 1)
     assert (0xFEFFC000, 0x4000, 2) in e820
     assert events.index("kernel loaded") < events.index("first vCPU entry")
+
+
+def test_wait_for_console_from_python(test_kernel: Path, guest) -> None:
+    import re
+
+    import pytest
+
+    import leanvm
+    from leanvm.errors import GuestError, LeanvmError
+
+    with leanvm.Machine(kernel=test_kernel, cmdline="hello there", memory="64M") as vm:
+        match = vm.wait_for_console(re.compile(rb"cmdline: (\w+) (\w+)"), timeout=60)
+        assert match.groups() == (b"hello", b"there")
+        assert vm.wait(60).status == 0
+    with leanvm.Machine(kernel=test_kernel, memory="64M") as vm:
+        with pytest.raises(GuestError, match="guest-exit.*before its console showed b'never'"):
+            vm.wait_for_console("never", timeout=60)
+    with leanvm.Machine(guest=guest("spin"), memory="16M") as vm:  # never prints, never stops
+        with pytest.raises(LeanvmError, match="did not show b'x' within 0.3 s"):
+            vm.wait_for_console("x", timeout=0.3)
+        assert vm.state.value == "running"
+    assert vm.result is not None and vm.result.reason is StopReason.INTERRUPTED  # the with-block stopped it

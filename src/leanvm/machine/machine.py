@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 
 from leanvm.devices.bus import Bus
-from leanvm.errors import ConfigError, LeanvmError
+from leanvm.errors import ConfigError, GuestError, LeanvmError
 from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ram,
                                     setup_kvm_private)
 from leanvm.machine.config import MachineConfig, SerialConfig
@@ -31,6 +31,7 @@ from leanvm.trace.events import Tracer
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
+    import re
     from typing import Any, BinaryIO
 
     from leanvm.devices.bus import BusDevice
@@ -123,6 +124,10 @@ class Machine:
         self._vcpu_thread: int | None = None
         self._restore_tty: "Callable[[], None] | None" = None
         self._until: bytes | None = None
+        self._thread: threading.Thread | None = None
+        self._background_error: BaseException | None = None
+        self._console_changed = threading.Condition()
+        self._console_watchers = 0
         self.tracer = Tracer(config.trace, origin=self.process_start_ns)
         self._boot_trace: "BootTrace | None" = None
         if config.trace:
@@ -416,7 +421,78 @@ class Machine:
             raise
 
     def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.stop("the with-block ended")
+            self._thread.join()
         self.close()
+
+    # --- running in the background ------------------------------------------------------
+    def start(self, timeout: float | None = None) -> "Machine":
+        """Run the vCPU on a background thread; then ``wait_for_console``, ``wait`` or
+        ``stop``. Call it from the main thread if you can (it installs the signal handler
+        that lets ``stop`` interrupt a guest that is not exiting)."""
+        self.build()
+        if self._thread is not None:
+            raise LeanvmError("machine already started")
+        _install_kick_handler()
+        self._thread = threading.Thread(target=self._run_in_background, args=(timeout,),
+                                        name="leanvm-vcpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run_in_background(self, timeout: float | None) -> None:
+        try:
+            self.run(timeout)
+        except BaseException as exc:  # handed to wait()
+            self._background_error = exc
+        finally:
+            with self._console_changed:
+                self._console_changed.notify_all()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Wait for a started machine to stop; its RunResult."""
+        if self._thread is None:
+            raise LeanvmError("machine not started: call start() or run()")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise LeanvmError(f"the guest is still running after {timeout:g} s")
+        if self._background_error is not None:
+            raise self._background_error
+        assert self.result is not None
+        return self.result
+
+    def wait_for_console(self, pattern: "str | bytes | re.Pattern[bytes]",
+                         timeout: float = 60) -> "re.Match[bytes]":
+        """Start the machine if needed and wait until its serial output matches ``pattern``
+        (text, or a compiled bytes regex); the match. GuestError if the guest stops first,
+        LeanvmError on timeout."""
+        import re
+
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
+        if self._thread is None:
+            self.start()
+        deadline = time.monotonic() + timeout
+        self._console_watchers += 1
+        try:
+            with self._console_changed:
+                while True:
+                    match = regex.search(bytes(self._console))
+                    if match is not None:
+                        return match
+                    if self._thread is not None and not self._thread.is_alive():
+                        result = self.result
+                        why = f"{result.reason.value}: {result.detail}" if result else "it failed"
+                        raise GuestError(f"the guest stopped ({why}) before its console showed "
+                                         f"{regex.pattern!r}")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise LeanvmError(f"the console did not show {regex.pattern!r} within "
+                                          f"{timeout:g} s")
+                    self._console_changed.wait(min(remaining, 0.05))
+        finally:
+            self._console_watchers -= 1
 
     # --- device callbacks (run on the vCPU thread) -------------------------------------
     def _on_reset(self) -> None:
@@ -458,6 +534,9 @@ class Machine:
             self._boot_trace.serial(data)
         console = self._console
         console += data
+        if self._console_watchers and b"\n" in data:
+            with self._console_changed:
+                self._console_changed.notify_all()
         until = self._until
         if until is not None and until in console[-(len(data) + len(until)):]:
             self._until = None
