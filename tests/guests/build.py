@@ -72,11 +72,13 @@ def build_guest(name: str, kind: str = "bin") -> Path:
 
 
 LINUX_DIR = HERE / "linux"
-SETUP_SECTS, SYSSIZE, INIT_SIZE = 0x1F1, 0x1F4, 0x260
+SETUP_SECTS, SYSSIZE, INIT_SIZE, PAYLOAD = 0x1F1, 0x1F4, 0x260, 0x248
 
 
 def build_test_kernel() -> Path:
-    """Path to linux/ built as a bzImage: setup sectors, then the kernel loaded at 1 MiB."""
+    """Path to linux/ built as a bzImage: setup sectors, the kernel loaded at 1 MiB, and a
+    gzip'd ELF of that kernel as the payload. "vmlinux" (the ELF, with a PVH note) sits next
+    to it."""
     srcs = [LINUX_DIR / "setup.S", LINUX_DIR / "head.S", LINUX_DIR / "kernel.c"]
     digest = hashlib.sha256()
     for item in [*srcs, LINUX_DIR / "kernel.ld", HERE / "runtime.h", Path(__file__)]:
@@ -94,15 +96,24 @@ def build_test_kernel() -> Path:
           "-o", str(elf)])
     _run(["objcopy", "-O", "binary", "-j", ".setup", str(elf), str(tmp / "setup.bin")])
     _run(["objcopy", "-O", "binary", "-R", ".setup", str(elf), str(tmp / "kernel.bin")])
+    _run(["objcopy", "--remove-section", ".setup", str(elf), str(tmp / "vmlinux")])
     setup = bytearray((tmp / "setup.bin").read_bytes())
     kernel = (tmp / "kernel.bin").read_bytes()
+    # The compressed payload, as a real bzImage carries it: the ELF vmlinux, gzip'd. Its own
+    # entry code does not use it; loaders that decompress on the host (leanvm) do.
+    import gzip
+
+    payload = gzip.compress((tmp / "vmlinux").read_bytes(), mtime=0)
     sectors = max(4, -(-len(setup) // 512))  # sector 0 plus setup_sects more
     setup = setup.ljust(sectors * 512, b"\0")
     end = _symbol(elf, "_end")
+    kernel = kernel.ljust(end - 0x100000, b"\0")  # the payload lands past .bss, not in it
+    loaded = len(kernel) + len(payload)
     setup[SETUP_SECTS] = sectors - 1
-    setup[SYSSIZE:SYSSIZE + 4] = (-(-len(kernel) // 16)).to_bytes(4, "little")
-    setup[INIT_SIZE:INIT_SIZE + 4] = (end - 0x100000).to_bytes(4, "little")
-    (tmp / "bzImage").write_bytes(bytes(setup) + kernel)
+    setup[SYSSIZE:SYSSIZE + 4] = (-(-loaded // 16)).to_bytes(4, "little")
+    setup[INIT_SIZE:INIT_SIZE + 4] = (-(-loaded // 4096) * 4096).to_bytes(4, "little")
+    setup[PAYLOAD:PAYLOAD + 8] = len(kernel).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
+    (tmp / "bzImage").write_bytes(bytes(setup) + kernel + payload)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return image

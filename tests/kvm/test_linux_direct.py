@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from leanvm.machine.machine import Machine
 from leanvm.machine.vcpu_loop import StopReason
 
@@ -15,7 +17,7 @@ def test_test_kernel_gets_boot_params_cmdline_and_initrd(test_kernel: Path, tmp_
     payload = b"direct initrd\n" + bytes(range(256)) * 16
     initrd.write_bytes(payload)
     with Machine(memory="64M", kernel=test_kernel, initrd=initrd, cmdline="root=none x=1",
-                 trace=True) as vm:
+                 trace=True, kernel_boot="bzimage") as vm:
         loaded = vm.direct_kernel
         assert loaded is not None and loaded.entry == 0x100200
         zero_page = vm.memory.read(0x7000, 4096)
@@ -34,7 +36,7 @@ def test_test_kernel_gets_boot_params_cmdline_and_initrd(test_kernel: Path, tmp_
     e820 = [struct.unpack_from("<QQI", zero_page, 0x2D0 + 20 * i) for i in range(count)]
     assert e820[0] == (0, 0x9FC00, 1) and e820[1] == (0x100000, (64 << 20) - 0x100000, 1)
     assert (0xFEFFC000, 0x4000, 2) in e820
-    assert events.index("kernel loaded") < events.index("first vCPU entry")
+    assert events.index("load kernel") < events.index("first vCPU entry")
 
 
 def test_wait_for_console_from_python(test_kernel: Path, guest) -> None:
@@ -57,3 +59,41 @@ def test_wait_for_console_from_python(test_kernel: Path, guest) -> None:
             vm.wait_for_console("x", timeout=0.3)
         assert vm.state.value == "running"
     assert vm.result is not None and vm.result.reason is StopReason.INTERRUPTED  # the with-block stopped it
+
+
+def test_pvh_boot_of_the_decompressed_payload(test_kernel: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LEANVM_CACHE", str(tmp_path / "cache"))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"pvh initrd\n" * 50)
+    for round_ in ("fresh", "cached"):
+        with Machine(memory="64M", kernel=test_kernel, initrd=initrd, cmdline="via pvh") as vm:
+            loaded = vm.direct_kernel
+            result = vm.run(timeout=60)
+        console = vm.console.decode(errors="replace")
+        assert result.status == 0, (result.detail, console)
+        assert "leanvm-test-kernel: entry pvh start_info=0x0000000000006000" in console
+        assert "magic: 0x00000000336ec578" in console and "cmdline: via pvh\r\n" in console
+        assert "memmap entries: 3" in console
+        assert f"initrd: 550 bytes at {loaded.initrd_address:#018x}" in console
+        assert ("(cached)" in vm.kernel_boot_note) == (round_ == "cached"), vm.kernel_boot_note
+    assert len(list((tmp_path / "cache" / "kernels").iterdir())) == 1
+
+
+def test_elf_vmlinux_boots_through_pvh(test_kernel: Path) -> None:
+    with Machine(memory="64M", kernel=test_kernel.with_name("vmlinux"), cmdline="elf") as vm:
+        result = vm.run(timeout=60)
+    assert result.status == 0 and "cmdline: elf\r\n" in vm.console.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_stock_kernel_prints_its_banner_after_host_decompression(tmp_path: Path, monkeypatch) -> None:
+    import glob
+
+    found = sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))
+    if not found:
+        pytest.skip("Debian's linux-image-cloud-amd64 is not installed (make test installs it)")
+    monkeypatch.setenv("LEANVM_CACHE", str(tmp_path))
+    with Machine(memory="512M", kernel=found[-1], cmdline="console=ttyS0 earlyprintk=serial") as vm:
+        assert vm.kernel_boot_note.startswith("pvh, decompressed on the host")
+        result = vm.run(timeout=300, until="Linux version")
+    assert result.reason is StopReason.CONSOLE_MATCH, (result.detail, vm.console[-300:])

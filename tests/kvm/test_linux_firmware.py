@@ -157,7 +157,7 @@ def test_kernel_errors_are_one_line(test_kernel: Path, tmp_path: Path) -> None:
     data = bytearray(test_kernel.read_bytes())
     data[0x236] = 0  # no XLF_KERNEL_64: firmware can boot it, the 64-bit entry cannot
     old.write_bytes(bytes(data))
-    done = subprocess.run([sys.executable, "-m", "leanvm", "run", "-kernel", str(old)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "leanvm", "run", "-kernel", str(old),
+                           "--kernel-boot", "bzimage"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "old-kernel: no 64-bit entry point" in done.stderr and \
         done.stderr.count("\n") == 1, done.stderr

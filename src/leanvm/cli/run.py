@@ -57,6 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="initial RAM disk for -kernel")
     parser.add_argument("-append", "--append", default="", metavar="CMDLINE",
                         help="kernel command line for -kernel")
+    parser.add_argument("--kernel-boot", default="auto", choices=("auto", "pvh", "bzimage"),
+                        help="direct boot (no firmware): pvh = an ELF, or a bzImage decompressed "
+                             "on the host (cached), entered through PVH; bzimage = the 64-bit "
+                             "boot protocol, the guest decompresses; auto (default) = pvh when "
+                             "possible")
     parser.add_argument("-debugcon", "--debugcon", default="none", metavar="MODE",
                         help="firmware debug console (port 0x402): stdio, file:PATH or none "
                              "(default: kept in memory)")
@@ -96,7 +101,7 @@ def handle(args: argparse.Namespace) -> int:
     config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
                            bios=args.bios, debugcon=args.debugcon, guest=args.guest,
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
-                           trace=bool(args.timeline or args.trace),
+                           trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
                            probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,

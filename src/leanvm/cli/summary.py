@@ -26,6 +26,10 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     console.print(f"[bold]leanvm:[/bold] guest stopped: {result.reason.value}: {result.detail}")
     console.print(f"  first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
                   "process start")
+    note = getattr(machine, "kernel_boot_note", "")
+    if note:
+        loaded = machine.direct_kernel
+        console.print(f"  kernel                  {note}; entry {loaded.entry:#x}")
     entry = result.kernel_entry
     if entry is not None:
         console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "

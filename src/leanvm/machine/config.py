@@ -13,6 +13,7 @@ _UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": TiB}  # bare numbers are M
 _SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$"  # compiled on first use
 
 DEFAULT_MEMORY = 128 * MiB
+KERNEL_BOOT_MODES = ("auto", "pvh", "bzimage")
 MIN_MEMORY = 2 * MiB
 MAX_MEMORY = 1 * TiB
 PAGE = 4096
@@ -93,7 +94,8 @@ class MachineConfig:
 
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
-                 "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names")
+                 "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
+                 "kernel_boot")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -104,7 +106,8 @@ class MachineConfig:
                  bios: Path | str | None = None, debugcon: SerialConfig | str = SerialConfig(),
                  kernel: Path | str | None = None, initrd: Path | str | None = None,
                  cmdline: str = "", trace: bool = False,
-                 probe_names: tuple[tuple[int, str], ...] = ()) -> None:
+                 probe_names: tuple[tuple[int, str], ...] = (),
+                 kernel_boot: str = "auto") -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -138,6 +141,12 @@ class MachineConfig:
         self.cmdline: str = cmdline
         self.trace: bool = trace  # record the boot timeline (Machine.tracer)
         self.probe_names: tuple[tuple[int, str], ...] = tuple(probe_names)  # probe id -> name
+        if kernel_boot not in KERNEL_BOOT_MODES:
+            raise ConfigError(f"bad kernel boot mode {kernel_boot!r}: expected "
+                              + ", ".join(KERNEL_BOOT_MODES))
+        # direct boot: "pvh" (ELF, or a bzImage decompressed on the host), "bzimage" (64-bit
+        # boot protocol, the guest decompresses), "auto" (pvh when possible)
+        self.kernel_boot: str = kernel_boot
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
         if self.kernel is not None and self.guest is not None:

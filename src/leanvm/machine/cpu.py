@@ -6,6 +6,7 @@ from leanvm.abi import kvm as abi
 from leanvm.kvm.cpuid import CpuidTable
 from leanvm.kvm.vcpu import Vcpu
 from leanvm.loader.bare import BootState
+from leanvm.loader.pvh import ProtectedModeState
 
 FCW_DEFAULT = 0x37F  # x87 control word after FNINIT
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
@@ -37,3 +38,25 @@ def setup_long_mode(vcpu: Vcpu, state: BootState, cpuid: CpuidTable) -> None:
     fpu = vcpu.get_fpu()
     fpu.fcw, fpu.mxcsr = FCW_DEFAULT, MXCSR_DEFAULT
     vcpu.set_fpu(fpu)
+
+
+def setup_protected_mode(vcpu: Vcpu, state: "ProtectedModeState", cpuid: CpuidTable) -> None:
+    """32-bit flat protected mode, paging off, interrupts off, EBX set: the PVH entry state
+    (TR a busy 32-bit TSS at base 0, limit 0x67, as the ABI asks)."""
+    vcpu.set_cpuid(cpuid)
+    sregs = vcpu.get_sregs()
+    sregs.cs = abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=state.code_selector, type=0xB,
+                               present=1, dpl=0, db=1, s=1, l=0, g=1)
+    data = abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=state.data_selector, type=0x3,
+                           present=1, dpl=0, db=1, s=1, l=0, g=1)
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = abi.kvm_segment(base=0, limit=0x67, selector=0, type=0xB, present=1, s=0)
+    sregs.gdt.base, sregs.gdt.limit = state.gdt_base, state.gdt_limit
+    sregs.cr0 = abi.X86_CR0_PE | abi.X86_CR0_ET
+    sregs.cr4 = 0
+    sregs.cr3 = 0
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    regs = abi.kvm_regs()
+    regs.rip, regs.rbx, regs.rflags = state.eip, state.ebx, 0x2
+    vcpu.set_regs(regs)

@@ -2,7 +2,9 @@
  *
  * startup_32 (offset 0): flat 32-bit protected mode, ESI = boot_params. Builds page tables
  * mapping the first 4 GiB with 2 MiB pages, enters long mode and joins startup_64.
- * startup_64 (offset 0x200): the 64-bit boot protocol entry, RSI = boot_params, paging on. */
+ * startup_64 (offset 0x200): the 64-bit boot protocol entry, RSI = boot_params, paging on.
+ * pvh_start: the PVH entry (ELF note Xen/18): 32-bit, paging off, EBX = hvm_start_info;
+ * it records EBX and joins startup_32 with no boot_params. */
     .section .text.head, "ax"
     .code32
     .globl startup_32
@@ -75,6 +77,15 @@ from_32:
     mov boot_params_32(%rip), %esi
     jmp startup_64
 
+    .code32
+    .globl pvh_start
+pvh_start:
+    cli
+    mov %ebx, pvh_start_info
+    xor %esi, %esi
+    jmp startup_32
+
+    .code64
     .org 0x200
     .globl startup_64
 startup_64:
@@ -97,3 +108,13 @@ boot_stack_top:
 boot_params_32: .long 0
     .globl entered_32
 entered_32: .long 0
+    .globl pvh_start_info
+pvh_start_info: .long 0
+
+    /* PVH entry point for loaders that read ELF notes (Xen, Linux's PVH, leanvm) */
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4, 4, 18          /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .long pvh_start

@@ -7,6 +7,7 @@
 #include "../runtime.h"
 
 extern u32 entered_32;
+extern u32 pvh_start_info;
 
 static u32 rd32(const u8 *p) { return *(const u32 *)p; }
 
@@ -18,8 +19,47 @@ static u32 fnv1a(const u8 *p, u32 n)
     return h;
 }
 
+static u64 rd64(const u8 *p) { return *(const u64 *)p; }
+
+/* PVH: struct hvm_start_info (magic, version, flags, nr_modules, modlist, cmdline, rsdp,
+ * memmap, memmap_entries); module 0 is the initrd. */
+static int pvh_main(const u8 *si)
+{
+    puts("leanvm-test-kernel: entry pvh start_info=");
+    put_hex((u64)si);
+    puts("\nmagic: ");
+    put_hex(rd32(si));
+    puts("\ncmdline: ");
+    u64 cmdline = rd64(si + 24);
+    if (cmdline)
+        puts((const char *)cmdline);
+    puts("\nmemmap entries: ");
+    put_dec(rd32(si + 48));
+    u32 modules = rd32(si + 12);
+    u64 initrd = 0, initrd_size = 0;
+    if (modules) {
+        const u8 *mod = (const u8 *)rd64(si + 16);
+        initrd = rd64(mod);
+        initrd_size = rd64(mod + 8);
+    }
+    puts("\ninitrd: ");
+    put_dec(initrd_size);
+    puts(" bytes at ");
+    put_hex(initrd);
+    if (initrd_size) {
+        const u8 *data = (const u8 *)initrd;
+        u32 hashed = initrd_size < 65536 ? (u32)initrd_size : 65536;
+        puts(" fnv1a ");
+        put_hex(fnv1a(data, hashed));
+    }
+    puts("\nleanvm-test-kernel: done\n");
+    return 0;
+}
+
 int kmain(const u8 *bp)
 {
+    if (pvh_start_info)
+        return pvh_main((const u8 *)(u64)pvh_start_info);
     puts("leanvm-test-kernel: entry ");
     puts(entered_32 ? "32-bit" : "64-bit");
     puts(" boot_params=");

@@ -1,0 +1,88 @@
+"""`leanvm kernel extract BZIMAGE OUT`: the ELF vmlinux inside a bzImage, decompressed on the
+host (what `leanvm run -kernel` boots through PVH), and `leanvm kernel info BZIMAGE`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("kernel", help="inspect a Linux kernel or extract its vmlinux",
+                            description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    extract = verbs.add_parser("extract", help="decompress a bzImage's payload to an ELF file")
+    extract.add_argument("bzimage", type=Path)
+    extract.add_argument("out", type=Path)
+    extract.set_defaults(handler=handle_extract)
+    info = verbs.add_parser("info", help="the setup header, payload format and PVH entry")
+    info.add_argument("kernel", type=Path)
+    info.set_defaults(handler=handle_info)
+
+
+def _read(path: Path) -> bytes:
+    from leanvm.errors import ImageError
+
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such kernel file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory; the kernel must be a regular file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the kernel ({exc.strerror})") from None
+
+
+def handle_extract(args: argparse.Namespace) -> int:
+    import time
+
+    from leanvm.errors import ConfigError
+    from leanvm.loader.decompress import extract_vmlinux, payload
+
+    data = _read(args.bzimage)
+    kind, _ = payload(data, str(args.bzimage))
+    started = time.monotonic()
+    elf = extract_vmlinux(data, str(args.bzimage))
+    took = time.monotonic() - started
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(elf)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        raise ConfigError(f"{args.out}: cannot write ({exc.strerror})") from None
+    print(f"{args.out}: {len(elf)} bytes of ELF vmlinux from a {kind} payload "
+          f"({len(data)} bytes) in {took * 1000:.0f} ms")
+    return 0
+
+
+def handle_info(args: argparse.Namespace) -> int:
+    from leanvm.errors import ImageError
+    from leanvm.loader.bzimage import is_bzimage, parse_setup_header
+    from leanvm.loader.decompress import payload
+    from leanvm.loader.pvh import pvh_entry
+
+    data = _read(args.kernel)
+    out = sys.stdout
+    if data.startswith(b"\x7fELF"):
+        out.write(f"ELF kernel; PVH entry {pvh_entry(data, str(args.kernel)):#x}\n")
+        return 0
+    if not is_bzimage(data):
+        raise ImageError(f"{args.kernel}: neither a bzImage nor an ELF kernel")
+    header = parse_setup_header(data, str(args.kernel))
+    out.write(f"bzImage, boot protocol {header.protocol >> 8}.{header.protocol & 0xFF:02d}: "
+              f"{header.version or '(no version string)'}\n")
+    out.write(f"  setup {header.setup_size} bytes, 64-bit entry "
+              f"{'yes' if header.xloadflags & 1 else 'no'}, relocatable "
+              f"{'yes' if header.relocatable else 'no'}, init_size {header.init_size}, "
+              f"cmdline up to {header.cmdline_size} bytes\n")
+    try:
+        kind, body = payload(data, str(args.kernel))
+        out.write(f"  payload: {kind}, {len(body)} bytes\n")
+    except ImageError as exc:
+        out.write(f"  payload: {exc}\n")
+    return 0

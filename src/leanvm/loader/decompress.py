@@ -1,0 +1,133 @@
+"""Host-side decompression of a bzImage's payload: the ELF vmlinux inside it.
+
+A bzImage carries its kernel compressed (payload_offset/payload_length in the setup header,
+protocol 2.08+, offsets from the start of the protected-mode code). The guest would spend a
+long time decompressing it; leanvm does it once on the host, caches the result by the
+bzImage's content hash, and boots the ELF through PVH (loader/pvh.py).
+
+Formats, by their magic bytes: gzip, bzip2, lzma, xz (standard library), zstd (zstandard),
+LZ4 in the legacy frame the kernel uses (lz4: magic 0x184C2102, then blocks each prefixed by
+their compressed size, the last four bytes of the payload being the uncompressed size). LZO
+has no maintained Python library: such kernels are refused with that said.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+from leanvm.errors import ImageError
+from leanvm.loader.bzimage import HEADER_END, parse_setup_header
+
+MAGICS = (
+    (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\x5d\x00\x00", "lzma"),
+    (b"\xfd7zXZ\x00", "xz"), (b"\x89LZO", "lzo"), (b"\x02\x21\x4c\x18", "lz4"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+LZ4_LEGACY_BLOCK = 8 << 20
+CACHE_VERSION = 1
+
+
+def payload(data: "bytes | memoryview", path: str) -> tuple[str, memoryview]:
+    """(format, compressed bytes) of a bzImage's kernel payload."""
+    view = memoryview(data)
+    header = parse_setup_header(bytes(view[:HEADER_END]), path, len(view))
+    if header.protocol < 0x208 or not header.payload_length:
+        raise ImageError(f"{path}: no payload fields in the setup header (boot protocol "
+                         f"{header.protocol >> 8}.{header.protocol & 0xFF:02d}): cannot "
+                         "decompress it on the host")
+    start = header.setup_size + header.payload_offset
+    end = start + header.payload_length
+    if end > len(view):
+        raise ImageError(f"{path}: payload [{start:#x}, {end:#x}) runs past the file's end")
+    body = view[start:end]
+    head = bytes(body[:6])
+    for magic, name in MAGICS:
+        if head.startswith(magic):
+            return name, body
+    raise ImageError(f"{path}: unknown payload compression (magic {head.hex()})")
+
+
+def decompress(kind: str, body: "bytes | memoryview", path: str) -> bytes:
+    try:
+        if kind == "gzip":
+            import zlib
+
+            out = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            return out.decompress(body)  # trailing size bytes after the stream are ignored
+        if kind == "bzip2":
+            import bz2
+
+            return bz2.BZ2Decompressor().decompress(body)
+        if kind in ("lzma", "xz"):
+            import lzma
+
+            form = lzma.FORMAT_ALONE if kind == "lzma" else lzma.FORMAT_XZ
+            return lzma.LZMADecompressor(format=form).decompress(body)
+        if kind == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(bytes(body))
+        if kind == "lz4":
+            return _lz4_legacy(bytes(body), path)
+    except ImageError:
+        raise
+    except Exception as exc:  # each library has its own error types
+        raise ImageError(f"{path}: corrupt {kind} payload ({exc})") from None
+    raise ImageError(f"{path}: {kind}-compressed kernel: leanvm cannot decompress {kind} on "
+                     "the host (no maintained Python library); boot it as a bzImage")
+
+
+def _lz4_legacy(body: bytes, path: str) -> bytes:
+    import lz4.block
+
+    out = bytearray()
+    offset = 4
+    while offset + 4 <= len(body):
+        size = struct.unpack_from("<I", body, offset)[0]
+        if size == 0 or offset + 4 + size > len(body):
+            break  # the kernel's appended uncompressed size, or the end
+        block = body[offset + 4:offset + 4 + size]
+        out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
+        offset += 4 + size
+    if not out:
+        raise ImageError(f"{path}: empty LZ4 payload")
+    return bytes(out)
+
+
+def extract_vmlinux(data: "bytes | memoryview", path: str) -> bytes:
+    kind, body = payload(data, path)
+    elf = decompress(kind, body, path)
+    if not elf.startswith(b"\x7fELF"):
+        raise ImageError(f"{path}: the {kind} payload does not hold an ELF kernel")
+    return elf
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LEANVM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "leanvm")
+    return Path(base) / "kernels"
+
+
+def cached_vmlinux(data: "bytes | memoryview", path: str) -> tuple[Path, bool]:
+    """(path of the decompressed ELF, whether it came from the cache). The cache key is the
+    bzImage's SHA-256; files are written then renamed, so concurrent VMs never see half."""
+    digest = hashlib.sha256(data).hexdigest()
+    target = cache_dir() / f"vmlinux-{digest[:32]}-v{CACHE_VERSION}"
+    if target.is_file():
+        return target, True
+    elf = extract_vmlinux(data, path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(elf)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ImageError(f"cannot write the decompressed kernel to {target.parent} "
+                         f"({exc.strerror}); set LEANVM_CACHE to a writable directory") from None
+    return target, False
