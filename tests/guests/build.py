@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -59,16 +60,25 @@ def build_guest(name: str, kind: str = "bin") -> Path:
     out_dir = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     elf, flat = out_dir / f"{name}.elf", out_dir / f"{name}.bin"
     if not flat.exists():
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         cmd = ["gcc", *CFLAGS, f"-I{HERE}", "-T", str(HERE / "guest.ld"), *map(str, srcs),
                "-o", str(tmp / elf.name)]
         _run(cmd)
         _run(["objcopy", "-O", "binary", str(tmp / elf.name), str(tmp / flat.name)])
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        _publish(tmp, out_dir)
     return flat if kind == "bin" else elf
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move a finished build into place; a concurrent build of the same sources may win."""
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out_dir.is_dir():
+            raise
 
 
 LINUX_DIR = HERE / "linux"
@@ -88,7 +98,7 @@ def build_test_kernel() -> Path:
     image = out_dir / "bzImage"
     if image.exists():
         return image
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     elf = tmp / "kernel.elf"
@@ -114,8 +124,7 @@ def build_test_kernel() -> Path:
     setup[INIT_SIZE:INIT_SIZE + 4] = (-(-loaded // 4096) * 4096).to_bytes(4, "little")
     setup[PAYLOAD:PAYLOAD + 8] = len(kernel).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
     (tmp / "bzImage").write_bytes(bytes(setup) + kernel + payload)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    _publish(tmp, out_dir)
     return image
 
 

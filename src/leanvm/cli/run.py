@@ -62,6 +62,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "on the host (cached), entered through PVH; bzimage = the 64-bit "
                              "boot protocol, the guest decompresses; auto (default) = pvh when "
                              "possible")
+    parser.add_argument("-smp", "--smp", type=int, default=1, metavar="N",
+                        help="virtual CPUs, one host thread each (default 1)")
+    parser.add_argument("--cpu-profile", default="auto", choices=("auto", "host", "emulated"),
+                        help="CPUID the guest sees: host = all KVM offers; emulated = without "
+                             "the features a host that emulates supervisor code cannot run "
+                             "(docs/linux.md); auto (default) = emulated on such hosts")
+    parser.add_argument("--emulation-fallback", default="auto", choices=("auto", "on", "off"),
+                        help="run instructions the host's KVM cannot emulate in a user-mode "
+                             "emulator and go on (counted in the summary); auto (default) = on "
+                             "hosts that need it")
     parser.add_argument("-debugcon", "--debugcon", default="none", metavar="MODE",
                         help="firmware debug console (port 0x402): stdio, file:PATH or none "
                              "(default: kept in memory)")
@@ -102,6 +112,8 @@ def handle(args: argparse.Namespace) -> int:
                            bios=args.bios, debugcon=args.debugcon, guest=args.guest,
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
                            trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
+                           smp=args.smp, cpu_profile=args.cpu_profile,
+                           emulation_fallback=args.emulation_fallback,
                            probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,

@@ -14,6 +14,9 @@ _SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$"  # compiled on fi
 
 DEFAULT_MEMORY = 128 * MiB
 KERNEL_BOOT_MODES = ("auto", "pvh", "bzimage")
+CPU_PROFILES = ("auto", "host", "emulated")  # machine/cpu_profile.py says what each hides
+FALLBACK_MODES = ("auto", "on", "off")  # machine/fallback.py: emulation-failure fallback
+MAX_VCPUS = 64
 MIN_MEMORY = 2 * MiB
 MAX_MEMORY = 1 * TiB
 PAGE = 4096
@@ -95,7 +98,7 @@ class MachineConfig:
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
-                 "kernel_boot")
+                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -107,7 +110,8 @@ class MachineConfig:
                  kernel: Path | str | None = None, initrd: Path | str | None = None,
                  cmdline: str = "", trace: bool = False,
                  probe_names: tuple[tuple[int, str], ...] = (),
-                 kernel_boot: str = "auto") -> None:
+                 kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
+                 emulation_fallback: str = "auto") -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -147,6 +151,21 @@ class MachineConfig:
         # direct boot: "pvh" (ELF, or a bzImage decompressed on the host), "bzimage" (64-bit
         # boot protocol, the guest decompresses), "auto" (pvh when possible)
         self.kernel_boot: str = kernel_boot
+        if not isinstance(smp, int) or not 1 <= smp <= MAX_VCPUS:
+            raise ConfigError(f"bad vCPU count {smp!r}: expected 1 to {MAX_VCPUS}")
+        self.smp: int = smp  # vCPUs, one host thread each
+        if cpu_profile not in CPU_PROFILES:
+            raise ConfigError(f"bad CPU profile {cpu_profile!r}: expected "
+                              + ", ".join(CPU_PROFILES))
+        # "host": what KVM offers; "emulated": hides what a host that emulates supervisor
+        # code cannot run; "auto": "emulated" on such hosts, else "host"
+        self.cpu_profile: str = cpu_profile
+        if emulation_fallback not in FALLBACK_MODES:
+            raise ConfigError(f"bad emulation fallback {emulation_fallback!r}: expected "
+                              + ", ".join(FALLBACK_MODES))
+        # run instructions the host's KVM cannot emulate in a user-mode emulator: "auto" = on
+        # hosts that need it
+        self.emulation_fallback: str = emulation_fallback
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
         if self.kernel is not None and self.guest is not None:

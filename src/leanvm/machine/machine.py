@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from leanvm.loader.fwcfg_kernel import FirmwareKernel
     from leanvm.loader.linux64 import DirectKernel
     from leanvm.loader.pvh import PvhKernel
+    from leanvm.machine.direct_boot import DirectBoot
     from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
     from leanvm.machine.tracing import BootTrace
@@ -53,12 +54,6 @@ KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU 
 def demo_guest_path() -> Path:
     """The bundled demo guest (prints a greeting, then resets)."""
     return Path(__file__).resolve().parent.parent / "data" / "demo.bin"
-
-
-def PvhKernelType() -> type:
-    from leanvm.loader.pvh import PvhKernel
-
-    return PvhKernel
 
 
 class RunState(Enum):
@@ -198,6 +193,7 @@ class Machine:
                 self.platform.pci.host_bridge.on_write = _pam_forwarder(self.bios_area)
         self.kernel = None
         self.direct_kernel: "DirectKernel | PvhKernel | None" = None
+        self.direct_boot: "DirectBoot | None" = None
         self.kernel_boot_note = ""
         self.decompress_ms: float | None = None
         self.entry_trap: "EntryTrap | None" = None
@@ -207,8 +203,13 @@ class Machine:
             self._wire_tracing(self._boot_trace)
         self.vcpu = self.vm.create_vcpu(0)
         if direct:
-            self.direct_kernel = self._load_direct(kernel)
-            if isinstance(self.direct_kernel, PvhKernelType()):
+            from leanvm.machine.direct_boot import load_direct
+
+            self.direct_boot = load_direct(config, self.plan, self.memory, *kernel, self.tracer)
+            self.direct_kernel = self.direct_boot.kernel
+            self.kernel_boot_note = self.direct_boot.note
+            self.decompress_ms = self.direct_boot.decompress_ms
+            if self.direct_boot.mode == "pvh":
                 from leanvm.machine.cpu import setup_protected_mode
 
                 setup_protected_mode(self.vcpu, self.direct_kernel.boot, cpuid)
@@ -257,64 +258,6 @@ class Machine:
         kernel = map_readonly(config.kernel, "kernel")
         initrd = map_readonly(config.initrd, "initrd") if config.initrd is not None else b""
         return kernel, initrd
-
-    def _load_direct(self, files: tuple[Any, Any]) -> "DirectKernel | PvhKernel":
-        """Load the kernel ourselves (no firmware): an ELF, or a bzImage whose payload is
-        decompressed on the host, through PVH; else a bzImage through its 64-bit entry."""
-        from leanvm.loader.linux64 import linux_e820, load_linux64
-
-        config = self.config
-        kernel, initrd = files
-        ram = [(r.base, r.size) for r in self.plan.enabled() if r.name.startswith("ram")]
-        reserved = [(r.base, r.size) for r in self.plan.enabled() if r.name == "kvm-private"]
-        e820, low_end = linux_e820(ram, reserved), self.plan.get("ram-low").size
-        started = time.monotonic_ns()
-        elf, note = self._kernel_elf(kernel)
-        args: dict[str, Any] = {}
-        if elf is not None:
-            from leanvm.loader.pvh import load_pvh
-
-            loaded: "DirectKernel | PvhKernel" = load_pvh(
-                self.memory, elf, str(config.kernel), initrd, str(config.initrd),
-                config.cmdline, e820, low_end)
-            args["mode"] = "pvh"
-        else:
-            loaded = load_linux64(self.memory, memoryview(kernel), str(config.kernel), initrd,
-                                  str(config.initrd), config.cmdline, e820, low_end)
-            args["mode"] = "bzimage"
-        self.kernel_boot_note = f"{args['mode']}{note}"
-        if self.tracer.enabled:
-            args.update(entry=f"{loaded.entry:#x}", initrd=loaded.initrd_size, detail=note.strip(" ,"))
-            self.tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
-        return loaded
-
-    def _kernel_elf(self, kernel: Any) -> "tuple[Any, str]":
-        """(ELF bytes to boot through PVH or None, a note for the summary)."""
-        from leanvm.loader.bzimage import is_bzimage
-
-        mode = self.config.kernel_boot
-        if bytes(kernel[:4]) == b"\x7fELF":
-            if mode == "bzimage":
-                raise ConfigError(f"{self.config.kernel}: an ELF kernel boots only through PVH")
-            return kernel, ""
-        if mode == "bzimage" or not is_bzimage(bytes(kernel[:0x280])):
-            return None, ""
-        from leanvm.loader.decompress import cached_vmlinux
-        from leanvm.loader.pvh import pvh_entry
-        from leanvm.errors import ImageError
-
-        started = time.monotonic_ns()
-        try:
-            path, hit = cached_vmlinux(memoryview(kernel), str(self.config.kernel))
-            elf = path.read_bytes()
-            pvh_entry(elf, str(path))
-        except ImageError as exc:
-            if mode == "pvh":
-                raise
-            return None, f", guest decompresses ({exc})"
-        ms = (time.monotonic_ns() - started) / 1e6
-        self.decompress_ms = ms
-        return elf, (f", decompressed on the host {'(cached) ' if hit else ''}in {ms:.0f} ms")
 
     def _serve_kernel(self, files: tuple[Any, Any]) -> "FirmwareKernel":
         """Hand the kernel, initrd and command line to the firmware through fw_cfg."""
