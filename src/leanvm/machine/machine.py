@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
     from leanvm.devices.bus import BusDevice
+    from leanvm.kvm.vcpu import Vcpu
     from leanvm.loader.fwcfg_kernel import FirmwareKernel
     from leanvm.loader.linux64 import DirectKernel
     from leanvm.loader.pvh import PvhKernel
@@ -296,11 +297,11 @@ class Machine:
         self.platform.fw_cfg.on_transfer = on_transfer
         return trap
 
-    def _on_emulation_failure(self, exit_: object) -> bool:
+    def _on_emulation_failure(self, vcpu: "Vcpu", exit_: object) -> bool:
         trap = self.entry_trap
         if trap is None or not trap.armed:
             return False
-        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         return trap.on_fault(sregs.cs.base + regs.rip, sregs.cs.selector, regs.rip)
 
     @property

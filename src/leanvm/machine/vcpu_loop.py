@@ -48,8 +48,8 @@ class LoopControl:
         self.stop: Stop | None = None
         self.requested_ns = 0  # CLOCK_MONOTONIC when the stop was requested
         self.exits = 0
-        # Called with the exit; True means it was handled and the vCPU goes on.
-        self.on_emulation_failure: Callable[[ex.InternalError], bool] | None = None
+        # Called with the vCPU and the exit; True means it was handled and the vCPU goes on.
+        self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
 
     def request(self, stop: Stop) -> None:
         if self.stop is None:
@@ -88,7 +88,7 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
                 size = exit_.size
                 vcpu.complete_mmio_read(mmio_read(exit_.address, size).to_bytes(size, "little"))
             else:
-                stop = _other_exit(exit_, control)
+                stop = _other_exit(vcpu, exit_, control)
                 if stop is not None:
                     control.request(stop)
     finally:
@@ -96,7 +96,7 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
     return control.stop
 
 
-def _other_exit(exit_: ex.Exit, control: LoopControl) -> Stop | None:
+def _other_exit(vcpu: Vcpu, exit_: ex.Exit, control: LoopControl) -> Stop | None:
     if isinstance(exit_, ex.Interrupted):
         return control.stop  # a stray signal, with no stop requested, just resumes the guest
     if isinstance(exit_, ex.Hlt):
@@ -105,7 +105,7 @@ def _other_exit(exit_: ex.Exit, control: LoopControl) -> Stop | None:
         return Stop(StopReason.SHUTDOWN, "the guest triple-faulted (KVM_EXIT_SHUTDOWN)", exit=exit_)
     if isinstance(exit_, ex.InternalError):
         handler = control.on_emulation_failure
-        if handler is not None and handler(exit_):
+        if handler is not None and handler(vcpu, exit_):
             return None
         return Stop(StopReason.INTERNAL_ERROR, exit_.describe(), exit=exit_)
     if isinstance(exit_, ex.FailEntry):
