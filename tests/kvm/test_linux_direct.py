@@ -97,3 +97,44 @@ def test_stock_kernel_prints_its_banner_after_host_decompression(tmp_path: Path,
         assert vm.kernel_boot_note.startswith("pvh, decompressed on the host")
         result = vm.run(timeout=300, until="Linux version")
     assert result.reason is StopReason.CONSOLE_MATCH, (result.detail, vm.console[-300:])
+
+
+def test_initrd_and_kernel_are_mapped_not_copied(test_kernel: Path, tmp_path: Path) -> None:
+    """Both VMs read the initrd (the test kernel hashes its first 64 KiB) straight from the
+    host page cache: the same host pages, none private to either VM."""
+    from leanvm.memory.residency import measure
+    from tests.unit.test_zero_copy import page_frames
+
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(bytes(range(256)) * 4096 * 2)  # 2 MiB
+    frames, reports = [], []
+    machines = [Machine(memory="64M", kernel=test_kernel, initrd=initrd, cmdline="zc")
+                for _ in range(2)]
+    try:
+        for vm in machines:
+            vm.build()
+            loaded = vm.direct_kernel
+            assert loaded is not None and loaded.initrd_mapped
+            assert "initrd 2.0 MiB mapped copy-on-write" in vm.kernel_boot_note
+            result = vm.run(timeout=60)
+            assert result.status == 0, result.detail
+            reports.append(vm.console.decode(errors="replace"))
+            host = vm.memory.find(loaded.initrd_address).mapping.address + loaded.initrd_address
+            [cost] = measure([("initrd", host, 2 << 20)])
+            assert cost.resident >= 64 << 10 and cost.private == 0, cost
+            frames.append(page_frames(host, 16))
+    finally:
+        for vm in machines:
+            vm.close()
+    assert reports[0] == reports[1] and "initrd: 2097152 bytes" in reports[0]
+    if any(frames[0]):  # page frame numbers are visible to root only
+        assert frames[0] == frames[1]
+
+
+def test_no_zero_copy_copies(test_kernel: Path, tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"copied\n" * 1000)
+    with Machine(memory="64M", kernel=test_kernel, initrd=initrd, zero_copy=False) as vm:
+        assert vm.direct_kernel is not None and not vm.direct_kernel.initrd_mapped
+        assert "copied" in vm.kernel_boot_note and "mapped" not in vm.kernel_boot_note
+        assert vm.run(timeout=60).status == 0

@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "on the host (cached), entered through PVH; bzimage = the 64-bit "
                              "boot protocol, the guest decompresses; auto (default) = pvh when "
                              "possible")
+    parser.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
+                        help="copy the kernel and initrd into guest RAM instead of mapping "
+                             "their pages copy-on-write from the files (direct boot)")
     parser.add_argument("-smp", "--smp", type=int, default=1, metavar="N",
                         help="virtual CPUs, one host thread each (default 1)")
     parser.add_argument("--cpu-profile", default="auto", choices=("auto", "host", "emulated"),
@@ -112,7 +115,7 @@ def handle(args: argparse.Namespace) -> int:
                            bios=args.bios, debugcon=args.debugcon, guest=args.guest,
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
                            trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
-                           smp=args.smp, cpu_profile=args.cpu_profile,
+                           smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
                            emulation_fallback=args.emulation_fallback,
                            probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,

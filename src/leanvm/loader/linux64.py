@@ -23,6 +23,7 @@ from leanvm.errors import ImageError
 from leanvm.loader.bare import BootState, write_identity_page_tables, PML4_ADDRESS
 from leanvm.loader.bzimage import (CAN_USE_HEAP, HEADER_END, XLF_KERNEL_64, SetupHeader,
                                    parse_setup_header)
+from leanvm.loader.files import place, place_range
 from leanvm.memory.guest import GuestMemory
 
 GDT_ADDRESS = 0x500
@@ -46,12 +47,19 @@ class DirectKernel(NamedTuple):
     initrd_address: int  # 0 without an initrd
     initrd_size: int
     boot: BootState
+    initrd_mapped: bool = False  # mapped copy-on-write from the file, not copied
+    kernel_mapped: int = 0  # bytes of the kernel mapped from the file
+    kernel_copied: int = 0  # bytes copied (the setup sectors usually leave it unaligned)
 
 
 def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path: str,
                  initrd: "bytes | memoryview", initrd_path: str, cmdline: str,
-                 e820: list[tuple[int, int, int]], low_ram_end: int) -> DirectKernel:
-    """Load a bzImage for its 64-bit entry; ``e820`` is (address, size, type) sorted."""
+                 e820: list[tuple[int, int, int]], low_ram_end: int, *,
+                 kernel_file: str | None = None,
+                 initrd_file: str | None = None) -> DirectKernel:
+    """Load a bzImage for its 64-bit entry; ``e820`` is (address, size, type) sorted. With
+    ``kernel_file``/``initrd_file`` (the files the bytes come from), whole pages are mapped
+    copy-on-write from them where alignment allows, instead of copied."""
     view = memoryview(kernel)
     header = parse_setup_header(bytes(view[:HEADER_END]), kernel_path, len(view))
     if header.protocol < 0x20C or not header.xloadflags & XLF_KERNEL_64:
@@ -69,6 +77,7 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
                          f"{kernel_path} accepts at most {header.cmdline_size}")
 
     initrd_address = 0
+    initrd_mapped = False
     if len(initrd):
         top = min(header.initrd_addr_max, low_ram_end - 1) + 1
         initrd_address = (top - len(initrd)) & ~(PAGE - 1)
@@ -76,8 +85,9 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
             raise ImageError(f"{initrd_path}: initrd of {len(initrd)} bytes does not fit in RAM "
                              f"above the kernel (which needs up to {KERNEL_ADDRESS + need:#x}); "
                              "give the VM more memory")
-        memory.write(initrd_address, memoryview(initrd))
-    memory.write(KERNEL_ADDRESS, body)
+        initrd_mapped = place(memory, initrd_address, initrd, initrd_file)
+    kernel_mapped = place_range(memory, KERNEL_ADDRESS, view, header.setup_size, len(body),
+                                kernel_file)
     memory.write(CMDLINE_ADDRESS, encoded + b"\0")
 
     zero_page = bytearray(PAGE)
@@ -100,7 +110,8 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
     boot = BootState(rip=entry, rsp=STACK_TOP, rdi=0, rsi=ZERO_PAGE, rdx=0, cr3=PML4_ADDRESS,
                      gdt_base=GDT_ADDRESS, gdt_limit=8 * len(GDT_ENTRIES) - 1,
                      code_selector=BOOT_CS, data_selector=BOOT_DS)
-    return DirectKernel(header, KERNEL_ADDRESS, entry, initrd_address, len(initrd), boot)
+    return DirectKernel(header, KERNEL_ADDRESS, entry, initrd_address, len(initrd), boot,
+                        initrd_mapped, kernel_mapped, len(body) - kernel_mapped)
 
 
 def linux_e820(ram: list[tuple[int, int]], reserved: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

@@ -14,10 +14,12 @@ module list at 0x6040, the memory map from 0x6100, the command line at 0x20000.
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 from typing import NamedTuple
 
 from leanvm.errors import ImageError
+from leanvm.loader.files import place, place_range
 from leanvm.memory.guest import GuestMemory
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -51,6 +53,9 @@ class PvhKernel(NamedTuple):
     initrd_address: int
     initrd_size: int
     boot: ProtectedModeState
+    initrd_mapped: bool = False  # mapped copy-on-write from the file, not copied
+    kernel_mapped: int = 0  # bytes of kernel segments mapped from the file
+    kernel_copied: int = 0  # bytes copied (pages the file's alignment did not allow mapping)
 
 
 def _elf(data: "bytes | memoryview", path: str):  # type: ignore[no-untyped-def]
@@ -58,7 +63,9 @@ def _elf(data: "bytes | memoryview", path: str):  # type: ignore[no-untyped-def]
     from elftools.elf.elffile import ELFFile
 
     try:
-        elf = ELFFile(io.BytesIO(bytes(data)))
+        # a mapped file is read in place (a stock vmlinux is 50 MiB: no copy of it)
+        stream = data if isinstance(data, mmap.mmap) else io.BytesIO(bytes(data))
+        elf = ELFFile(stream)
         elf.header  # noqa: B018 - parse now, so errors surface here
     except (ELFError, struct.error, ValueError) as exc:
         raise ImageError(f"{path}: not a usable ELF kernel ({exc})") from None
@@ -87,12 +94,18 @@ def pvh_entry(data: "bytes | memoryview", path: str) -> int:
                      "with CONFIG_PVH=y, or boot its bzImage")
 
 
-def load_pvh(memory: GuestMemory, data: "bytes | memoryview", path: str,
-             initrd: "bytes | memoryview", initrd_path: str, cmdline: str,
-             e820: list[tuple[int, int, int]], low_ram_end: int) -> PvhKernel:
+def load_pvh(memory: GuestMemory, data: "bytes | memoryview | mmap.mmap", path: str,
+             initrd: "bytes | memoryview | mmap.mmap", initrd_path: str, cmdline: str,
+             e820: list[tuple[int, int, int]], low_ram_end: int, *,
+             kernel_file: str | None = None, initrd_file: str | None = None) -> PvhKernel:
+    """Load the ELF's segments and the boot information. With ``kernel_file`` (the file
+    ``data`` was read from) and ``initrd_file``, whole pages are mapped copy-on-write from
+    those files instead of copied. Guest RAM must still be all zeros (a new VM): .bss is
+    left as it is."""
     entry = pvh_entry(data, path)
     elf = _elf(data, path)
-    kernel_end = 0
+    kernel_end = mapped = copied = 0
+    view = memoryview(data) if not isinstance(data, memoryview) else data
     for segment in elf.iter_segments():
         if segment["p_type"] != "PT_LOAD" or not segment["p_memsz"]:
             continue
@@ -100,10 +113,12 @@ def load_pvh(memory: GuestMemory, data: "bytes | memoryview", path: str,
         if start < LOW_END or start + size > low_ram_end:
             raise ImageError(f"{path}: segment [{start:#x}, {start + size:#x}) is outside "
                              f"[1 MiB, {low_ram_end:#x}): give the VM more memory")
-        body = segment.data()
-        memory.write(start, body)
-        if size > len(body):
-            memory.write(start + len(body), bytes(size - len(body)))
+        offset, filesz = segment["p_offset"], min(segment["p_filesz"], size)
+        if offset + filesz > len(view):
+            raise ImageError(f"{path}: segment data [{offset:#x}, {offset + filesz:#x}) runs "
+                             "past the file's end")
+        done = place_range(memory, start, view, offset, filesz, kernel_file)
+        mapped, copied = mapped + done, copied + filesz - done
         kernel_end = max(kernel_end, start + size)
     if not kernel_end:
         raise ImageError(f"{path}: no loadable segments")
@@ -115,13 +130,14 @@ def load_pvh(memory: GuestMemory, data: "bytes | memoryview", path: str,
         raise ImageError(f"kernel command line must be at most {CMDLINE_MAX} bytes without NUL")
     memory.write(CMDLINE_ADDRESS, encoded + b"\0")
     initrd_address = 0
+    initrd_mapped = False
     modules = 0
     if len(initrd):
         initrd_address = (low_ram_end - len(initrd)) & ~(PAGE - 1)
         if len(initrd) > low_ram_end or initrd_address < kernel_end:
             raise ImageError(f"{initrd_path}: initrd of {len(initrd)} bytes does not fit in RAM "
                              f"above the kernel (ends {kernel_end:#x}); give the VM more memory")
-        memory.write(initrd_address, memoryview(initrd))
+        initrd_mapped = place(memory, initrd_address, initrd, initrd_file)
         memory.write(MODLIST_ADDRESS, MODULE.pack(initrd_address, len(initrd), 0, 0))
         modules = 1
     if len(e820) > MEMMAP_MAX:
@@ -132,4 +148,6 @@ def load_pvh(memory: GuestMemory, data: "bytes | memoryview", path: str,
         MEMMAP_ADDRESS, len(e820), 0))
     memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
     boot = ProtectedModeState(entry, START_INFO_ADDRESS, GDT_ADDRESS, 8 * len(GDT_ENTRIES) - 1)
-    return PvhKernel(entry, kernel_end, initrd_address, len(initrd), boot)
+    return PvhKernel(entry, kernel_end, initrd_address, len(initrd), boot, initrd_mapped,
+                     mapped, copied)
+

@@ -39,48 +39,72 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     reserved = [(r.base, r.size) for r in plan.enabled() if r.name == "kvm-private"]
     e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
     started = time.monotonic_ns()
-    elf, note, decompress_ms, cached = kernel_elf(config, kernel)
+    elf, elf_file, note, decompress_ms, cached = kernel_elf(config, kernel)
+    files: dict[str, Any] = {}
+    if config.zero_copy:  # map whole pages from the files instead of copying them
+        files = {"initrd_file": str(config.initrd) if config.initrd is not None else None,
+                 "kernel_file": elf_file if elf is not None else str(config.kernel)}
     loaded: "DirectKernel | PvhKernel"
     if elf is not None:
         from leanvm.loader.pvh import load_pvh
 
         loaded = load_pvh(memory, elf, str(config.kernel), initrd, str(config.initrd),
-                          config.cmdline, e820, low_end)
+                          config.cmdline, e820, low_end, **files)
         mode = "pvh"
     else:
         loaded = load_linux64(memory, memoryview(kernel), str(config.kernel), initrd,
-                              str(config.initrd), config.cmdline, e820, low_end)
+                              str(config.initrd), config.cmdline, e820, low_end, **files)
         mode = "bzimage"
+    placed = placement_note(loaded)
     if tracer.enabled:
         args = {"mode": mode, "entry": f"{loaded.entry:#x}", "initrd": loaded.initrd_size,
-                "detail": note.strip(" ,")}
+                "initrd_mapped": loaded.initrd_mapped, "kernel_mapped": loaded.kernel_mapped,
+                "kernel_copied": loaded.kernel_copied, "detail": note.strip(" ,")}
         tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
-    return DirectBoot(loaded, mode, f"{mode}{note}", decompress_ms, cached)
+    return DirectBoot(loaded, mode, f"{mode}{note}; {placed}", decompress_ms, cached)
 
 
-def kernel_elf(config: "MachineConfig", kernel: Any) -> tuple[Any, str, float | None, bool]:
-    """(ELF bytes to boot through PVH or None, a note for the summary, host decompression
-    time in ms or None, whether it came from the cache)."""
+def placement_note(loaded: "DirectKernel | PvhKernel") -> str:
+    """How the kernel and initrd got into guest RAM, for the summary."""
+    mapped, copied = loaded.kernel_mapped, loaded.kernel_copied
+    kernel = (f"kernel {_size(mapped)} mapped, {_size(copied)} copied" if mapped
+              else f"kernel {_size(copied)} copied")
+    if not loaded.initrd_size:
+        return kernel
+    how = "mapped copy-on-write" if loaded.initrd_mapped else "copied"
+    return f"{kernel}; initrd {_size(loaded.initrd_size)} {how}"
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB" if count >= 1 << 20 else f"{count / 1024:.0f} KiB"
+
+
+def kernel_elf(config: "MachineConfig",
+               kernel: Any) -> tuple[Any, str | None, str, float | None, bool]:
+    """(ELF bytes to boot through PVH or None, the file they are in, a note for the summary,
+    host decompression time in ms or None, whether it came from the cache)."""
     from leanvm.loader.bzimage import is_bzimage
 
     mode = config.kernel_boot
     if bytes(kernel[:4]) == b"\x7fELF":
         if mode == "bzimage":
             raise ConfigError(f"{config.kernel}: an ELF kernel boots only through PVH")
-        return kernel, "", None, False
+        return kernel, str(config.kernel), "", None, False
     if mode == "bzimage" or not is_bzimage(bytes(kernel[:0x280])):
-        return None, "", None, False
+        return None, None, "", None, False
     from leanvm.loader.decompress import cached_vmlinux
+    from leanvm.loader.files import map_readonly
     from leanvm.loader.pvh import pvh_entry
 
     started = time.monotonic_ns()
     try:
         path, hit = cached_vmlinux(memoryview(kernel), str(config.kernel))
-        elf = path.read_bytes()
+        elf = map_readonly(path, "decompressed kernel")
         pvh_entry(elf, str(path))
     except ImageError as exc:
         if mode == "pvh":
             raise
-        return None, f", guest decompresses ({exc})", None, False
+        return None, None, f", guest decompresses ({exc})", None, False
     ms = (time.monotonic_ns() - started) / 1e6
-    return elf, f", decompressed on the host {'(cached) ' if hit else ''}in {ms:.0f} ms", ms, hit
+    note = f", decompressed on the host {'(cached) ' if hit else ''}in {ms:.0f} ms"
+    return elf, str(path), note, ms, hit

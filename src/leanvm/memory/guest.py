@@ -12,7 +12,7 @@ import struct
 from enum import Enum
 
 from leanvm.errors import DeviceError, GuestError
-from leanvm.memory.host import HostMapping
+from leanvm.memory.host import PAGE_SIZE, HostMapping
 
 
 class RegionKind(Enum):
@@ -98,6 +98,27 @@ class GuestMemory:
             raise GuestError(f"region {region.name} is backed by read-only host memory at "
                              f"{address:#x}")
         region.view[offset:offset + len(data)] = data
+
+    def map_file(self, address: int, length: int, path: str, file_offset: int = 0) -> bool:
+        """Back [address, address + length) with ``path``'s pages from ``file_offset``,
+        copy-on-write, instead of copying the bytes in: VMs mapping the same file share its
+        page cache until they write. False (nothing done) where that cannot be done: an
+        address or file offset that is not page aligned, or a range that is not wholly in
+        one anonymous RAM region. The caller then copies."""
+        page = PAGE_SIZE
+        if address % page or file_offset % page or length <= 0:
+            return False
+        try:
+            region = self.find(address, length)
+        except GuestError:
+            return False
+        if region.kind is not RegionKind.RAM or region.readonly or not region.mapping.writable:
+            return False
+        offset = address - region.base
+        if -(-(offset + length) // page) * page > region.size:
+            return False
+        region.mapping.overlay_file(offset, length, path, file_offset)
+        return True
 
     def read_int(self, address: int, size: int) -> int:
         return int.from_bytes(self.read(address, size), "little")

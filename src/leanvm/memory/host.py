@@ -60,6 +60,33 @@ class HostMapping:
             err = ctypes.get_errno()
             raise LeanvmError(f"madvise(MADV_DONTNEED) failed: {os.strerror(err)}")
 
+    def overlay_file(self, offset: int, length: int, path: str, file_offset: int = 0) -> None:
+        """Map ``length`` bytes of ``path`` from ``file_offset`` privately over
+        [offset, offset + length) of this mapping: reads come from the host page cache (shared
+        with every process mapping the file) and the first write to a page copies it. Offsets
+        must be page aligned; a partial last page reads as zeros past the file's end."""
+        if offset % PAGE_SIZE or file_offset % PAGE_SIZE or length <= 0:
+            raise LeanvmError(f"overlay of {path} at {offset:#x} (file offset {file_offset:#x})"
+                              " is not page aligned")
+        if not self.writable or offset + length > self.size:
+            raise LeanvmError(f"overlay of {path} does not fit a writable mapping")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot open ({exc.strerror})") from None
+        try:
+            if os.fstat(fd).st_size < file_offset + length:  # pages past the end would SIGBUS
+                raise ConfigError(f"{path}: shorter than the {length} bytes from offset "
+                                  f"{file_offset:#x} to map")
+            pages = -(-length // PAGE_SIZE) * PAGE_SIZE
+            got = _libc().mmap(self.address + offset, pages, mmap.PROT_READ | mmap.PROT_WRITE,
+                               mmap.MAP_PRIVATE | MAP_FIXED, fd, file_offset)
+            if got != self.address + offset:
+                raise ConfigError(f"{path}: cannot map {length} bytes into guest memory: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+
     def unmap(self) -> None:
         if self.size:
             _libc().munmap(self.address, self.size)
