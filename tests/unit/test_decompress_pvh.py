@@ -109,3 +109,25 @@ def test_elf_without_pvh_note(guest) -> None:
         pvh_entry(guest("hello", "elf").read_bytes(), "hello.elf")
     with pytest.raises(ImageError, match="not a usable ELF kernel"):
         pvh_entry(b"\x7fELF" + bytes(10), "junk")
+
+
+def test_guest_decompression_is_recorded_and_reported(tmp_path: Path, monkeypatch) -> None:
+    from leanvm.loader.decompress import guest_decompression_seconds, kernel_digest
+    from leanvm.machine.direct_boot import DirectBoot, note_guest_decompression
+    from leanvm.trace.events import Tracer
+
+    monkeypatch.setenv("LEANVM_CACHE", str(tmp_path))
+    image = with_payload(COMPRESSORS["gzip"](ELF))
+    digest = kernel_digest(image)
+    assert guest_decompression_seconds(digest) is None
+    tracer = Tracer(True, origin=0)
+    boot = DirectBoot(None, "bzimage", "", None, False)  # type: ignore[arg-type]
+    phases = {"kernel decompression": 1_000_000_000, "kernel decompressed": 63_500_000_000}
+    assert note_guest_decompression(boot, image, phases, tracer) == 62.5
+    assert guest_decompression_seconds(digest) == 62.5
+    [span] = [e for e in tracer.sorted_events() if e.name == "decompress kernel (guest)"]
+    # a PVH boot, or a boot whose stub printed nothing, records nothing
+    assert note_guest_decompression(boot._replace(mode="pvh"), image, phases, tracer) is None
+    assert note_guest_decompression(boot, image, {"kernel decompression": 5}, tracer) is None
+    (tmp_path / "kernels" / f"guest-decompression-{digest[:32]}.json").write_text("{junk")
+    assert guest_decompression_seconds(digest) is None  # a damaged record is ignored

@@ -111,23 +111,60 @@ def cache_dir() -> Path:
     return Path(base) / "kernels"
 
 
-def cached_vmlinux(data: "bytes | memoryview", path: str) -> tuple[Path, bool]:
+def kernel_digest(data: "bytes | memoryview") -> str:
+    """The cache key of a kernel image: its SHA-256, in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def cached_vmlinux(data: "bytes | memoryview", path: str,
+                   digest: str | None = None) -> tuple[Path, bool]:
     """(path of the decompressed ELF, whether it came from the cache). The cache key is the
     bzImage's SHA-256; files are written then renamed, so concurrent VMs never see half."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = digest or kernel_digest(data)
     target = cache_dir() / f"vmlinux-{digest[:32]}-v{CACHE_VERSION}"
     if target.is_file():
         return target, True
     elf = extract_vmlinux(data, path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            out.write(elf)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
+        _write_atomically(target, elf)
     except OSError as exc:
         raise ImageError(f"cannot write the decompressed kernel to {target.parent} "
                          f"({exc.strerror}); set LEANVM_CACHE to a writable directory") from None
     return target, False
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, target)
+
+
+def _guest_record(digest: str) -> Path:
+    return cache_dir() / f"guest-decompression-{digest[:32]}.json"
+
+
+def record_guest_decompression(digest: str, seconds: float) -> None:
+    """Remember how long this kernel took to decompress itself in a guest on this host (seen
+    in a traced bzImage boot), so PVH boots of it can say what host-side decompression saved.
+    Best effort: an unwritable cache only loses the figure."""
+    import json
+
+    try:
+        _write_atomically(_guest_record(digest), json.dumps({"seconds": seconds}).encode())
+    except OSError:
+        pass
+
+
+def guest_decompression_seconds(digest: str) -> float | None:
+    """The figure record_guest_decompression stored for this kernel, if any."""
+    import json
+
+    try:
+        value = json.loads(_guest_record(digest).read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None

@@ -28,6 +28,8 @@ class DirectBoot(NamedTuple):
     note: str  # for the summary: how the kernel was prepared
     decompress_ms: float | None  # host-side decompression (None: not decompressed here)
     decompress_cached: bool
+    decompress_span: tuple[int, int] | None = None  # monotonic ns of the host decompression
+    guest_decompress_s: float | None = None  # what it took in a guest here (recorded earlier)
 
 
 def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory",
@@ -40,6 +42,13 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
     started = time.monotonic_ns()
     elf, elf_file, note, decompress_ms, cached = kernel_elf(config, kernel)
+    saved = None
+    if decompress_ms is not None:
+        from leanvm.loader.decompress import guest_decompression_seconds, kernel_digest
+
+        saved = guest_decompression_seconds(kernel_digest(memoryview(kernel)))
+        if saved is not None:
+            note += f" (the guest took {saved:.1f} s to decompress it in a bzImage boot here)"
     files: dict[str, Any] = {}
     if config.zero_copy:  # map whole pages from the files instead of copying them
         files = {"initrd_file": str(config.initrd) if config.initrd is not None else None,
@@ -56,12 +65,35 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
                               str(config.initrd), config.cmdline, e820, low_end, **files)
         mode = "bzimage"
     placed = placement_note(loaded)
+    span = None
+    if decompress_ms is not None:
+        span = (started, started + int(decompress_ms * 1e6))
     if tracer.enabled:
+        if span is not None:
+            tracer.span("vmm", "decompress kernel (host)", *span,
+                        {"cached": cached, "guest_seconds_saved": saved})
         args = {"mode": mode, "entry": f"{loaded.entry:#x}", "initrd": loaded.initrd_size,
                 "initrd_mapped": loaded.initrd_mapped, "kernel_mapped": loaded.kernel_mapped,
                 "kernel_copied": loaded.kernel_copied, "detail": note.strip(" ,")}
         tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
-    return DirectBoot(loaded, mode, f"{mode}{note}; {placed}", decompress_ms, cached)
+    return DirectBoot(loaded, mode, f"{mode}{note}; {placed}", decompress_ms, cached, span,
+                      saved)
+
+
+def note_guest_decompression(boot: DirectBoot, kernel: Any, phases: dict[str, int],
+                             tracer: "Tracer") -> float | None:
+    """After a bzImage boot whose decompressor printed on the serial console ("Decompressing
+    Linux..." then "Booting the kernel"): put the in-guest decompression on the timeline and
+    remember it for this kernel, so host-decompressed boots can say what they saved."""
+    start, end = phases.get("kernel decompression"), phases.get("kernel decompressed")
+    if boot.mode != "bzimage" or start is None or end is None or end < start:
+        return None
+    from leanvm.loader.decompress import kernel_digest, record_guest_decompression
+
+    seconds = (end - start) / 1e9
+    tracer.span("guest", "decompress kernel (guest)", start, end, {"seconds": seconds})
+    record_guest_decompression(kernel_digest(memoryview(kernel)), seconds)
+    return seconds
 
 
 def placement_note(loaded: "DirectKernel | PvhKernel") -> str:

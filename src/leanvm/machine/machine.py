@@ -207,6 +207,7 @@ class Machine:
             from leanvm.machine.direct_boot import load_direct
 
             self.direct_boot = load_direct(config, self.plan, self.memory, *kernel, self.tracer)
+            self._kernel_image = kernel[0]  # for the decompression record after a traced run
             self.direct_kernel = self.direct_boot.kernel
             self.kernel_boot_note = self.direct_boot.note
             self.decompress_ms = self.direct_boot.decompress_ms
@@ -370,6 +371,11 @@ class Machine:
 
     def _trace_run(self, first_entry: int, stopped: int, stop: Stop) -> None:
         tracer = self.tracer
+        if self.direct_boot is not None and self._boot_trace is not None:
+            from leanvm.machine.direct_boot import note_guest_decompression
+
+            note_guest_decompression(self.direct_boot, self._kernel_image,
+                                     self._boot_trace.phases, tracer)
         tracer.instant("vmm", "first vCPU entry", ts=first_entry)
         hit = self.entry_trap.hit if self.entry_trap is not None else None
         if hit is not None:

@@ -51,6 +51,7 @@ class BootTrace:
         self._firmware = LineMatcher(FIRMWARE_LINES)
         self._console = LineMatcher(CONSOLE_LINES)
         self._first_serial = False
+        self.phases: dict[str, int] = {}  # console phase -> when its line began (ns)
 
     def debugcon(self, data: bytes) -> None:
         for ts, line in self._debug.feed(data):
@@ -67,6 +68,7 @@ class BootTrace:
             self.tracer.instant("console", line, ts=ts)
             phase = self._console.match(line)
             if phase is not None:
+                self.phases[phase] = ts
                 self.tracer.instant("guest", phase, ts=ts, args={"line": line})
 
     def fw_cfg(self, transfer: "Transfer") -> None:

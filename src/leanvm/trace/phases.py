@@ -20,6 +20,8 @@ FIRMWARE_LINES = (
 
 CONSOLE_LINES = (
     ("early console in setup code", "kernel setup code"),
+    ("Decompressing Linux", "kernel decompression"),  # the bzImage stub, in the guest
+    ("Booting the kernel", "kernel decompressed"),
     ("Linux version ", "kernel banner"),
     ("Freeing unused kernel", "kernel frees init memory"),
     ("Run /init as init process", "run /init"),
