@@ -48,7 +48,7 @@ def test_syscall_enters_the_kernel_or_shows_this_hosts_known_defect(guest) -> No
     # this host: still CPL 3, with selectors that are not the guest's
     assert (seen["cs"], seen["ss"]) == (0x33, 0x2B), seen
     trap = records["trap"]  # the entry code's UD2 then faulted into the kernel properly
-    assert trap["vector"] == 6 and trap["rcx"] == 0x33
+    assert trap["vector"] == 6 and trap["rcx"] == USER_CS  # the host says CS was the guest's
     assert seen["rip"] < trap["rip"] < seen["rip"] + 0x80  # the UD2 in the entry code
 
 
