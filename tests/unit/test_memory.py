@@ -167,3 +167,25 @@ def test_flash_bank_holes_read_as_zero_and_cost_nothing(tmp_path) -> None:
     assert item.private == 0  # zero page, page cache, shared erased file: nothing of its own
     view.release()
     bank.unmap()
+
+
+def test_process_and_mapping_memory_see_touched_pages(tmp_path) -> None:
+    from leanvm.memory.residency import mapping_memory, process_memory
+
+    image = tmp_path / "image"
+    image.write_bytes(bytes(8 << 20))
+    # a file mapping: its VMA never merges with neighbours, so smaps shows it alone
+    mapping = map_file(str(image), 8 << 20, writable=True, shared=False)
+    try:
+        before = mapping_memory("self", mapping.address, mapping.address + mapping.size)
+        whole_before = process_memory()
+        view = mapping.view()
+        for offset in range(0, 4 << 20, 4096):
+            view[offset] = 1  # copy-on-write: a private page each
+        view.release()
+        after = mapping_memory("self", mapping.address, mapping.address + mapping.size)
+        assert after.private - before.private == 4 << 20
+        assert after.rss >= 4 << 20
+        assert process_memory().private - whole_before.private >= 4 << 20
+    finally:
+        mapping.unmap()

@@ -191,10 +191,26 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
     data["memmap"] = machine.plan.to_json()  # type: ignore[attr-defined]
     data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
                            for r in machine.memory.regions]  # type: ignore[attr-defined]
+    data["host_memory"] = _host_memory(machine)
     try:
         path.write_text(json.dumps(data, indent=1) + "\n")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write stats ({exc.strerror})") from None
+
+
+def _host_memory(machine: object) -> dict[str, int]:
+    """What this VM costs the host at the stop, in bytes: guest memory (resident; private =
+    owned by this VM alone) and the whole process, so the VMM's own overhead is the
+    difference of the private figures."""
+    from leanvm.memory.residency import process_memory
+
+    rows = machine.residency()  # type: ignore[attr-defined]
+    process = process_memory()
+    guest_private = sum(r.private for r in rows)
+    return {"guest_resident": sum(r.resident for r in rows), "guest_private": guest_private,
+            "process_rss": process.rss, "process_pss": process.pss,
+            "process_private": process.private,
+            "vmm_private": max(0, process.private - guest_private)}
 
 
 def _wait_paused(machine: object, quiet: bool) -> int:
