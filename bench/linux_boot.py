@@ -1,0 +1,251 @@
+"""Direct Linux boot: time to the kernel and to "Run /init", and host memory per VM after
+boot, leanvm against QEMU with the same kernel, initrd and command line, side by side.
+
+    leanvm bzImage   leanvm run -kernel bzImage --kernel-boot bzimage (the guest decompresses)
+    leanvm PVH       leanvm run -kernel bzImage (decompressed on the host, cached; PVH entry)
+    QEMU pc          qemu-system-x86_64 -M pc -kernel bzImage (SeaBIOS + linuxboot_dma)
+    QEMU microvm     qemu-system-x86_64 -M microvm -kernel bzImage (qboot)
+    QEMU microvm PVH qemu-system-x86_64 -M microvm -kernel vmlinux (the same kernel as an ELF,
+                     entered through PVH: QEMU's closest match to leanvm's PVH path)
+
+The kernel is leanvm's minimal kernel (scripts/build-kernel) with the initramfs from
+`leanvm initrd build`; on this project's host every kernel instruction is emulated, so a run
+takes minutes and "Run /init" is the last point a stock user space reaches (docs/linux.md).
+Times run from spawning the VMM to the line arriving on its serial pipe. Memory is read
+while the guest sits at "Run /init": the guest RAM mapping and the whole process
+(/proc/PID/smaps), private = pages no other process maps; leanvm maps the initrd and kernel
+from the page cache, so they are shared, not private. Ratios are leanvm / QEMU (below 1:
+leanvm is faster or smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, have, median, save
+
+LEANVM = str(Path(sys.executable).with_name("leanvm"))
+INIT_LINE = b"Run /init"
+MiB = 1 << 20
+
+
+def minimal_kernel() -> Path:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-kernel")],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cannot build the minimal kernel: {done.stderr.strip()}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def build_initrd(out: Path) -> Path:
+    subprocess.run([LEANVM, "initrd", "build", str(out)], check=True, capture_output=True)
+    return out
+
+
+def watch(proc: subprocess.Popen, start: int, until: bytes, limit: float,
+          on_match=None) -> dict[str, float]:
+    """Read the VMM's serial output until ``until`` shows; ms from ``start`` to the first
+    byte and to the line. ``on_match(proc)`` runs at once when it shows (memory readings)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen, first, found = bytearray(), None, None
+    deadline = time.monotonic() + limit
+    while found is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        now = time.monotonic_ns()
+        if first is None:
+            first = now
+        seen += chunk
+        if until in seen:
+            found = now
+    result = {"first_byte_ms": (first - start) / 1e6 if first else float("nan"),
+              "init_ms": (found - start) / 1e6 if found else float("nan")}
+    if found is not None and on_match is not None:
+        result.update(on_match(proc))
+    result["console_tail"] = seen[-400:].decode(errors="replace")
+    return result
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def leanvm_once(kernel: Path, initrd: Path, cmdline: str, memory: str, mode: str,
+                tmp: Path, limit: float) -> dict[str, float]:
+    stats, trace = tmp / "stats.json", tmp / "trace.jsonl"
+    stats.unlink(missing_ok=True)
+    cmd = [LEANVM, "run", "-q", "-m", memory, "-kernel", str(kernel), "-initrd", str(initrd),
+           "-append", cmdline, "--kernel-boot", mode, "--until", INIT_LINE.decode(),
+           "--timeout", str(limit), "--stats-json", str(stats), "--trace", str(trace)]
+    start = time.monotonic_ns()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    result = watch(proc, start, INIT_LINE, limit + 30)
+    proc.wait(timeout=60)
+    if not stats.exists():
+        raise RuntimeError(f"leanvm {mode} failed: {proc.stderr.read().decode()[-500:]}")
+    figures = json.loads(stats.read_text())
+    memory_figures = figures["host_memory"]
+    result["kernel_entry_ms"] = (figures["first_entry_ns"] - start) / 1e6  # direct boot
+    result["guest_private_kib"] = memory_figures["guest_private"] / 1024
+    result["guest_resident_kib"] = memory_figures["guest_resident"] / 1024
+    result["vmm_private_kib"] = memory_figures["vmm_private"] / 1024
+    result["process_private_kib"] = memory_figures["process_private"] / 1024
+    for row in map(json.loads, trace.read_text().splitlines()[1:]):
+        if row["name"] == "decompress kernel (host)":
+            result["host_decompress_ms"] = row["dur_ns"] / 1e6
+        elif row["name"] == "decompress kernel (guest)":
+            result["guest_decompress_ms"] = row["dur_ns"] / 1e6
+        elif row["name"] == "load kernel":
+            result["load_kernel_ms"] = row["dur_ns"] / 1e6
+    return result
+
+
+def qemu_memory(memory_bytes: int):
+    """A reader of a running QEMU's memory: its guest RAM mapping and the whole process."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from leanvm.memory.residency import mapping_memory, process_memory
+
+    def read(proc: subprocess.Popen) -> dict[str, float]:
+        ram = None
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            for line in maps:
+                parts = line.split()
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                anonymous = len(parts) < 6
+                if anonymous and memory_bytes <= high - low <= memory_bytes + 8 * MiB:
+                    ram = (low, high)
+        whole = process_memory(proc.pid)
+        figures = {"process_private_kib": whole.private / 1024}
+        if ram is not None:
+            guest = mapping_memory(proc.pid, *ram)
+            figures.update(guest_private_kib=guest.private / 1024,
+                           guest_resident_kib=guest.rss / 1024,
+                           vmm_private_kib=(whole.private - guest.private) / 1024)
+        return figures
+
+    return read
+
+
+def qemu_once(machine: str, kernel: Path, initrd: Path, cmdline: str, memory: str,
+              memory_bytes: int, limit: float) -> dict[str, float]:
+    cmd = ["qemu-system-x86_64", "-M", machine, "-accel", "kvm", "-cpu", "host", "-m", memory,
+           "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+           "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    start = time.monotonic_ns()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        return watch(proc, start, INIT_LINE, limit, qemu_memory(memory_bytes))
+    finally:
+        stop(proc)
+
+
+def parse_memory(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([MG])", text)
+    if not match:
+        raise SystemExit(f"--memory {text}: expected e.g. 256M or 1G")
+    return int(match[1]) << (20 if match[2] == "M" else 30)
+
+
+CONFIGS = ("leanvm-bzimage", "leanvm-pvh", "qemu-pc", "qemu-microvm", "qemu-microvm-pvh")
+
+
+def main() -> int:
+    global INIT_LINE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1, help="runs per configuration")
+    parser.add_argument("--memory", default="256M")
+    parser.add_argument("--limit", type=float, default=900, help="seconds per boot at most")
+    parser.add_argument("--kernel", type=Path, help="bzImage (default: the minimal kernel)")
+    parser.add_argument("--only", default=",".join(CONFIGS),
+                        help="comma-separated subset of " + ", ".join(CONFIGS))
+    parser.add_argument("--cmdline", default="console=ttyS0 earlyprintk=serial panic=-1")
+    parser.add_argument("--until", default=INIT_LINE.decode(),
+                        help="the serial text that ends a boot (default: Run /init)")
+    parser.add_argument("--initrd", type=Path, help="initramfs (default: leanvm initrd build)")
+    args = parser.parse_args()
+    INIT_LINE = args.until.encode()
+    chosen = [c.strip() for c in args.only.split(",") if c.strip()]
+    if any(c.startswith("qemu") for c in chosen) and not have("qemu-system-x86_64"):
+        print("qemu-system-x86_64 is missing: make bench installs it", file=sys.stderr)
+        return 1
+    memory_bytes = parse_memory(args.memory)
+    kernel = args.kernel or minimal_kernel()
+    results: dict[str, list[dict[str, float]]] = {c: [] for c in chosen}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        initrd = args.initrd or build_initrd(tmp / "initramfs.cpio")
+        vmlinux = tmp / "vmlinux"
+        subprocess.run([LEANVM, "kernel", "extract", str(kernel), str(vmlinux)], check=True,
+                       capture_output=True)
+        print(f"kernel {kernel} ({kernel.stat().st_size >> 10} KiB), initrd "
+              f"{initrd.stat().st_size >> 10} KiB, {args.memory}, cmdline {args.cmdline!r}",
+              flush=True)
+        for run in range(args.runs):  # interleaved, so drift hits every configuration alike
+            for config in chosen:
+                if config == "leanvm-bzimage":
+                    row = leanvm_once(kernel, initrd, args.cmdline, args.memory, "bzimage", tmp,
+                                      args.limit)
+                elif config == "leanvm-pvh":
+                    row = leanvm_once(kernel, initrd, args.cmdline, args.memory, "pvh", tmp,
+                                      args.limit)
+                else:
+                    machine = "pc" if config == "qemu-pc" else "microvm"
+                    image = vmlinux if config.endswith("pvh") else kernel
+                    row = qemu_once(machine, image, initrd, args.cmdline, args.memory,
+                                    memory_bytes, args.limit)
+                results[config].append(row)
+                shown = {k: round(v, 1) for k, v in row.items() if isinstance(v, float)}
+                print(f"run {run + 1} {config:17} {shown}", flush=True)
+                if row["init_ms"] != row["init_ms"]:  # NaN: never got there
+                    print(f"    did not reach {INIT_LINE.decode()!r}; console ends: "
+                          f"{row['console_tail'][-200:]!r}", flush=True)
+    summary = {}
+    for config, rows in results.items():
+        keys = sorted(k for k in rows[0] if isinstance(rows[0][k], float))
+        summary[config] = {k: median([r[k] for r in rows if k in r]) for k in keys}
+    print()
+    print(f"{'configuration':18} {'first byte s':>12} {'Run /init s':>12} {'guest priv MiB':>15}"
+          f" {'VMM priv MiB':>13}")
+    for config, row in summary.items():
+        print(f"{config:18} {row['first_byte_ms'] / 1e3:12.2f} {row['init_ms'] / 1e3:12.2f} "
+              f"{row.get('guest_private_kib', float('nan')) / 1024:15.1f} "
+              f"{row.get('vmm_private_kib', float('nan')) / 1024:13.1f}")
+    ratios = {}
+    for ours in ("leanvm-bzimage", "leanvm-pvh"):
+        for theirs in ("qemu-pc", "qemu-microvm", "qemu-microvm-pvh"):
+            if ours in summary and theirs in summary:
+                a, b = summary[ours], summary[theirs]
+                ratios[f"{ours}/{theirs}"] = {
+                    k: a[k] / b[k] for k in ("first_byte_ms", "init_ms", "guest_private_kib",
+                                             "vmm_private_kib") if k in a and k in b and b[k]}
+    for name, values in ratios.items():
+        print(f"ratio {name:36} " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    path = save("linux_boot", {"memory": args.memory, "cmdline": args.cmdline,
+                               "kernel": str(kernel), "runs": args.runs, "summary": summary,
+                               "ratios": ratios, "raw": results})
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
