@@ -13,12 +13,12 @@ module list at 0x6040, the memory map from 0x6100, the command line at 0x20000.
 
 from __future__ import annotations
 
-import io
 import mmap
 import struct
 from typing import NamedTuple
 
 from leanvm.errors import ImageError
+from leanvm.loader.elf64 import PT_LOAD, Elf64
 from leanvm.loader.files import place, place_range
 from leanvm.memory.guest import GuestMemory
 
@@ -58,38 +58,17 @@ class PvhKernel(NamedTuple):
     kernel_copied: int = 0  # bytes copied (pages the file's alignment did not allow mapping)
 
 
-def _elf(data: "bytes | memoryview", path: str):  # type: ignore[no-untyped-def]
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    try:
-        # a mapped file is read in place (a stock vmlinux is 50 MiB: no copy of it)
-        stream = data if isinstance(data, mmap.mmap) else io.BytesIO(bytes(data))
-        elf = ELFFile(stream)
-        elf.header  # noqa: B018 - parse now, so errors surface here
-    except (ELFError, struct.error, ValueError) as exc:
-        raise ImageError(f"{path}: not a usable ELF kernel ({exc})") from None
-    if elf["e_machine"] != "EM_X86_64":
-        raise ImageError(f"{path}: ELF for {elf['e_machine']}; expected an x86-64 kernel")
-    return elf
+def _elf(data: "bytes | memoryview | mmap.mmap", path: str) -> Elf64:
+    return Elf64(data, path)  # ImageError naming the file and the fault
 
 
-def pvh_entry(data: "bytes | memoryview", path: str) -> int:
+def pvh_entry(data: "bytes | memoryview | mmap.mmap", path: str) -> int:
     """The 32-bit PVH entry point from the kernel's notes; ImageError if there is none."""
-    from elftools.common.exceptions import ELFError
-
-    elf = _elf(data, path)
-    try:
-        holders = [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]
-        holders += [s for s in elf.iter_sections() if s["sh_type"] == "SHT_NOTE"]
-        for holder in holders:
-            for note in holder.iter_notes():
-                kind = note["n_type"]
-                if note["n_name"] == "Xen" and kind == XEN_ELFNOTE_PHYS32_ENTRY:
-                    desc = note["n_descdata"]
-                    return struct.unpack_from("<Q" if len(desc) >= 8 else "<I", desc)[0]
-    except (ELFError, struct.error, ValueError, KeyError) as exc:
-        raise ImageError(f"{path}: cannot read the ELF notes ({exc})") from None
+    for note in _elf(data, path).notes():
+        if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY:
+            if len(note.desc) < 4:
+                raise ImageError(f"{path}: PVH entry note of {len(note.desc)} bytes is too short")
+            return struct.unpack_from("<Q" if len(note.desc) >= 8 else "<I", note.desc)[0]
     raise ImageError(f"{path}: ELF kernel without a PVH entry note (Xen, type 18): build it "
                      "with CONFIG_PVH=y, or boot its bzImage")
 
@@ -97,7 +76,8 @@ def pvh_entry(data: "bytes | memoryview", path: str) -> int:
 def load_pvh(memory: GuestMemory, data: "bytes | memoryview | mmap.mmap", path: str,
              initrd: "bytes | memoryview | mmap.mmap", initrd_path: str, cmdline: str,
              e820: list[tuple[int, int, int]], low_ram_end: int, *,
-             kernel_file: str | None = None, initrd_file: str | None = None) -> PvhKernel:
+             kernel_file: str | None = None, initrd_file: str | None = None,
+             rsdp: int = 0) -> PvhKernel:
     """Load the ELF's segments and the boot information. With ``kernel_file`` (the file
     ``data`` was read from) and ``initrd_file``, whole pages are mapped copy-on-write from
     those files instead of copied. Guest RAM must still be all zeros (a new VM): .bss is
@@ -106,14 +86,14 @@ def load_pvh(memory: GuestMemory, data: "bytes | memoryview | mmap.mmap", path: 
     elf = _elf(data, path)
     kernel_end = mapped = copied = 0
     view = memoryview(data) if not isinstance(data, memoryview) else data
-    for segment in elf.iter_segments():
-        if segment["p_type"] != "PT_LOAD" or not segment["p_memsz"]:
+    for segment in elf.segments():
+        if segment.type != PT_LOAD or not segment.memsz:
             continue
-        start, size = segment["p_paddr"], segment["p_memsz"]
+        start, size = segment.paddr, segment.memsz
         if start < LOW_END or start + size > low_ram_end:
             raise ImageError(f"{path}: segment [{start:#x}, {start + size:#x}) is outside "
                              f"[1 MiB, {low_ram_end:#x}): give the VM more memory")
-        offset, filesz = segment["p_offset"], min(segment["p_filesz"], size)
+        offset, filesz = segment.offset, min(segment.filesz, size)
         if offset + filesz > len(view):
             raise ImageError(f"{path}: segment data [{offset:#x}, {offset + filesz:#x}) runs "
                              "past the file's end")
@@ -144,8 +124,8 @@ def load_pvh(memory: GuestMemory, data: "bytes | memoryview | mmap.mmap", path: 
         raise ImageError(f"memory map has {len(e820)} entries; at most {MEMMAP_MAX}")
     memory.write(MEMMAP_ADDRESS, b"".join(MEMMAP.pack(a, s, t, 0) for a, s, t in e820))
     memory.write(START_INFO_ADDRESS, START_INFO.pack(
-        START_INFO_MAGIC, 1, 0, modules, MODLIST_ADDRESS if modules else 0, CMDLINE_ADDRESS, 0,
-        MEMMAP_ADDRESS, len(e820), 0))
+        START_INFO_MAGIC, 1, 0, modules, MODLIST_ADDRESS if modules else 0, CMDLINE_ADDRESS,
+        rsdp, MEMMAP_ADDRESS, len(e820), 0))  # rsdp_paddr: the ACPI RSDP (0: none)
     memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
     boot = ProtectedModeState(entry, START_INFO_ADDRESS, GDT_ADDRESS, 8 * len(GDT_ENTRIES) - 1)
     return PvhKernel(entry, kernel_end, initrd_address, len(initrd), boot, initrd_mapped,
