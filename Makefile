@@ -39,5 +39,16 @@ bench: $(STAMP)
 demo-guest: $(STAMP)
 	$(PY) tests/guests/build.py demo --out src/leanvm/data/demo.bin
 
+.PHONY: kernel initrd-probe
+
+# The minimal guest kernel (kernels/minimal.config over tinyconfig): built once, cached in
+# build/kernel by its inputs; prints the bzImage's path (docs/kernel.md).
+kernel: $(STAMP)
+	$(PYTHON) scripts/build-kernel
+
+# Rebuild the probe helper the default initramfs carries, from tests/guests/init/probe.c.
+initrd-probe: $(STAMP)
+	$(PY) tests/guests/init/build.py probe --out src/leanvm/data/leanvm-probe.bin
+
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis

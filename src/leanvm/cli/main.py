@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from leanvm.cli import flash, kernel, memmap, run, trace, version
+    from leanvm.cli import flash, initrd, kernel, memmap, run, trace, version
 
     parser = _Parser(prog="leanvm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"leanvm {__version__}")
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     flash.add_parser(sub)
     trace.add_parser(sub)
     kernel.add_parser(sub)
+    initrd.add_parser(sub)
     version.add_parser(sub)
     return parser
 
