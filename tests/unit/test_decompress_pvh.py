@@ -57,7 +57,7 @@ def test_every_format_round_trips(kind: str) -> None:
 
 @pytest.mark.parametrize("body, message", [
     (b"\x89LZO" + bytes(20), "cannot decompress lzo on the host"),
-    (b"\x1f\x8b" + bytes(20), "corrupt gzip payload"),
+    (b"\x1f\x8b" + bytes(20), "corrupt gzip data"),
     (b"JUNKJUNK", "unknown payload compression"),
     (gzip.compress(b"not an elf"), "does not hold an ELF kernel"),
 ])

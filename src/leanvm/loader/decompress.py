@@ -27,6 +27,7 @@ MAGICS = (
     (b"\x28\xb5\x2f\xfd", "zstd"),
 )
 LZ4_LEGACY_BLOCK = 8 << 20
+LZ4_LEGACY_MAGIC = 0x184C2102
 CACHE_VERSION = 1
 
 
@@ -51,50 +52,71 @@ def payload(data: "bytes | memoryview", path: str) -> tuple[str, memoryview]:
 
 
 def decompress(kind: str, body: "bytes | memoryview", path: str) -> bytes:
+    """The first ``kind`` stream in ``body``, decompressed (trailing bytes are ignored: a
+    bzImage appends the uncompressed size)."""
+    return decompress_stream(kind, body, path)[0]
+
+
+def decompress_stream(kind: str, body: "bytes | memoryview", path: str) -> tuple[bytes, int]:
+    """(the first ``kind`` stream in ``body`` decompressed, the bytes of ``body`` it used)."""
     try:
         if kind == "gzip":
             import zlib
 
-            out = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            return out.decompress(body)  # trailing size bytes after the stream are ignored
-        if kind == "bzip2":
+            stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = stream.decompress(body)
+            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
+        if kind in ("bzip2", "lzma", "xz"):
             import bz2
-
-            return bz2.BZ2Decompressor().decompress(body)
-        if kind in ("lzma", "xz"):
             import lzma
 
-            form = lzma.FORMAT_ALONE if kind == "lzma" else lzma.FORMAT_XZ
-            return lzma.LZMADecompressor(format=form).decompress(body)
+            if kind == "bzip2":
+                stream = bz2.BZ2Decompressor()
+            else:
+                stream = lzma.LZMADecompressor(
+                    format=lzma.FORMAT_ALONE if kind == "lzma" else lzma.FORMAT_XZ)
+            out = stream.decompress(body)
+            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
         if kind == "zstd":
             import zstandard
 
-            return zstandard.ZstdDecompressor().decompressobj().decompress(bytes(body))
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            out = stream.decompress(bytes(body))
+            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
         if kind == "lz4":
             return _lz4_legacy(bytes(body), path)
     except ImageError:
         raise
     except Exception as exc:  # each library has its own error types
-        raise ImageError(f"{path}: corrupt {kind} payload ({exc})") from None
-    raise ImageError(f"{path}: {kind}-compressed kernel: leanvm cannot decompress {kind} on "
-                     "the host (no maintained Python library); boot it as a bzImage")
+        raise ImageError(f"{path}: corrupt {kind} data ({exc})") from None
+    raise ImageError(f"{path}: {kind}-compressed data: leanvm cannot decompress {kind} on "
+                     "the host (no maintained Python library)")
 
 
-def _lz4_legacy(body: bytes, path: str) -> bytes:
+def _used(done: bool, size: int, unused: bytes, kind: str, path: str) -> int:
+    if not done:
+        raise ImageError(f"{path}: the {kind} stream is cut short")
+    return size - len(unused)
+
+
+def _lz4_legacy(body: bytes, path: str) -> tuple[bytes, int]:
+    """The kernel's LZ4 "legacy" frame: magic, then blocks each prefixed by their
+    compressed size; it ends at a size of 0 or one that runs past the data (a bzImage's
+    appended uncompressed size), or at the next frame's magic."""
     import lz4.block
 
     out = bytearray()
     offset = 4
     while offset + 4 <= len(body):
         size = struct.unpack_from("<I", body, offset)[0]
-        if size == 0 or offset + 4 + size > len(body):
-            break  # the kernel's appended uncompressed size, or the end
+        if size == 0 or size == LZ4_LEGACY_MAGIC or offset + 4 + size > len(body):
+            break
         block = body[offset + 4:offset + 4 + size]
         out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
         offset += 4 + size
     if not out:
-        raise ImageError(f"{path}: empty LZ4 payload")
-    return bytes(out)
+        raise ImageError(f"{path}: empty LZ4 data")
+    return bytes(out), offset
 
 
 def extract_vmlinux(data: "bytes | memoryview", path: str) -> bytes:
