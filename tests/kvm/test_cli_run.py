@@ -49,7 +49,7 @@ def test_timeout_exit_code(guest) -> None:
 
 
 def test_internal_error_is_one_clear_line(guest) -> None:
-    done = leanvm("run", "--guest", str(guest("int3")))
+    done = leanvm("run", "--guest", str(guest("int3")), "--emulation-fallback", "off")
     if "triple-faulted" in done.stderr:
         return  # hardware KVM: covered by test_guests
     assert done.returncode == 3

@@ -94,7 +94,7 @@ def test_i8042_reset_stops_the_vm_cleanly(guest) -> None:
 def test_internal_error_is_reported_with_the_instruction_bytes(guest) -> None:
     """INT3 at CPL 0 with no IDT. On this host's KVM, which emulates supervisor code, that
     is an emulation failure; on hardware KVM the #BP with no IDT ends in a triple fault."""
-    with Machine(memory="16M", guest=guest("int3")) as vm:
+    with Machine(memory="16M", guest=guest("int3"), emulation_fallback="off") as vm:
         result = vm.run(timeout=30)
     assert "before int3" in vm.console.decode() and "after" not in vm.console.decode()
     if result.reason is StopReason.SHUTDOWN:

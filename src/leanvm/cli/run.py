@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--cpu-profile", default="auto", choices=("auto", "host", "emulated"),
                         help="CPUID the guest sees: host = all KVM offers; emulated = without "
                              "the features a host that emulates supervisor code cannot run "
-                             "(docs/linux.md); auto (default) = emulated on such hosts")
+                             "(docs/emulation.md); auto (default) = emulated on such hosts")
     parser.add_argument("--emulation-fallback", default="auto", choices=("auto", "on", "off"),
                         help="run instructions the host's KVM cannot emulate in a user-mode "
                              "emulator and go on (counted in the summary); auto (default) = on "
@@ -192,6 +192,9 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
     data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
                            for r in machine.memory.regions]  # type: ignore[attr-defined]
     data["host_memory"] = _host_memory(machine)
+    fallback = getattr(machine, "fallback", None)  # docs/emulation.md
+    data["cpu_profile"] = getattr(machine, "cpu_profile", None)
+    data["emulation_fallback"] = fallback.to_json() if fallback is not None else None
     try:
         path.write_text(json.dumps(data, indent=1) + "\n")
     except OSError as exc:

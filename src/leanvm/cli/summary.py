@@ -41,6 +41,9 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     console.print(f"  vCPU exits {result.exits}: port I/O {pio.accesses} "
                   f"({pio.unclaimed_reads + pio.unclaimed_writes} unclaimed), "
                   f"MMIO {mmio.accesses} ({mmio.unclaimed_reads + mmio.unclaimed_writes} unclaimed)")
+    fallback = getattr(machine, "fallback", None)
+    if fallback is not None and fallback.total:  # docs/emulation.md
+        console.print(f"  {fallback.summary()}", markup=False)
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
     for column in ("region", "guest address", "size", "resident", "private"):
         table.add_column(column, justify="left" if column in ("region", "guest address") else "right")

@@ -27,6 +27,11 @@ def handle(args: argparse.Namespace) -> int:
             print(f"KVM API {kvm.api_version}; memslots {caps['NR_MEMSLOTS']}, "
                   f"recommended vCPUs {caps['NR_VCPUS']}, max vCPUs {caps['MAX_VCPUS']}")
             print("capabilities: " + " ".join(sorted(name for name, value in caps.items() if value)))
+        from leanvm.machine.host_check import check_host
+
+        finding = check_host()
+        how = "cached for this boot" if finding.cached else f"probed in {finding.seconds * 1e3:.0f} ms"
+        print(f"{finding.describe()} ({how})")
     except KvmError as exc:
         print(f"KVM: not usable here ({exc})")
     return 0

@@ -124,6 +124,18 @@ class CpuidTable(NamedTuple):
             out.append(entry)
         return CpuidTable(tuple(out))
 
+    def with_leaf_cleared(self, function: int,
+                          registers: Sequence[str] = _REGS) -> "CpuidTable":
+        """A copy with the named output registers of every subleaf of ``function`` zeroed:
+        hides whole feature words (leaf 7) or a leaf that must agree with a hidden bit
+        (leaf 0xD, XSAVE state components, when XSAVE is hidden)."""
+        for reg in registers:
+            if reg not in _REGS:
+                raise ConfigError(f"bad CPUID register {reg!r}: expected one of {', '.join(_REGS)}")
+        zero = dict.fromkeys(registers, 0)
+        return CpuidTable(tuple(entry._replace(**zero) if entry.function == function else entry
+                                for entry in self.entries))
+
     def phys_addr_bits(self) -> int:
         """Guest physical address width from leaf 0x80000008 (36 if the leaf is absent)."""
         entry = self.lookup(0x80000008)

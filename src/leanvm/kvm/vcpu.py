@@ -120,6 +120,15 @@ class Vcpu:
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         ioctl(self.fd, abi.KVM_SET_FPU, "KVM_SET_FPU", fpu)
 
+    def get_xsave(self) -> abi.kvm_xsave:
+        """x87, SSE (with MXCSR, which KVM_GET_FPU leaves out) and extended state."""
+        xsave = abi.kvm_xsave()
+        ioctl(self.fd, abi.KVM_GET_XSAVE, "KVM_GET_XSAVE", xsave)
+        return xsave
+
+    def set_xsave(self, xsave: abi.kvm_xsave) -> None:
+        ioctl(self.fd, abi.KVM_SET_XSAVE, "KVM_SET_XSAVE", xsave)
+
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         buf = abi.kvm_msrs_with(len(indices))()
         buf.nmsrs = len(indices)

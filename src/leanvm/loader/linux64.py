@@ -35,6 +35,7 @@ LOADER_TYPE = 0xFF  # "undefined" in the boot protocol's loader id table
 BOOT_CS, BOOT_DS = 0x10, 0x18
 GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 E820_ENTRIES, E820_TABLE, E820_MAX = 0x1E8, 0x2D0, 128
+ACPI_RSDP_ADDR = 0x070  # boot_params.acpi_rsdp_addr (u64, boot protocol 2.14)
 HEADER_START = 0x1F1
 PAGE = 4096
 E820 = struct.Struct("<QQI")
@@ -56,7 +57,7 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
                  initrd: "bytes | memoryview", initrd_path: str, cmdline: str,
                  e820: list[tuple[int, int, int]], low_ram_end: int, *,
                  kernel_file: str | None = None,
-                 initrd_file: str | None = None) -> DirectKernel:
+                 initrd_file: str | None = None, rsdp: int = 0) -> DirectKernel:
     """Load a bzImage for its 64-bit entry; ``e820`` is (address, size, type) sorted. With
     ``kernel_file``/``initrd_file`` (the files the bytes come from), whole pages are mapped
     copy-on-write from them where alignment allows, instead of copied."""
@@ -98,6 +99,7 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
     struct.pack_into("<H", zero_page, 0x224, 0xFE00)  # heap_end_ptr, as for a 0x10000 setup
     struct.pack_into("<I", zero_page, 0x228, CMDLINE_ADDRESS)
     struct.pack_into("<II", zero_page, 0x218, initrd_address, len(initrd))
+    struct.pack_into("<Q", zero_page, ACPI_RSDP_ADDR, rsdp)  # 0: the kernel scans for one
     if len(e820) > E820_MAX:
         raise ImageError(f"memory map has {len(e820)} entries; boot_params holds {E820_MAX}")
     zero_page[E820_ENTRIES] = len(e820)

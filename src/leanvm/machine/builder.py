@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 from collections.abc import Callable
 
-from leanvm.devices import fw_cfg as fw
+from leanvm.devices import acpi_pm, fw_cfg as fw
 from leanvm.devices.bus import Bus
 from leanvm.devices.cmos import Cmos
 from leanvm.devices.debug_exit import DebugExit
@@ -158,6 +158,7 @@ class Platform(NamedTuple):
     fw_cfg: FwCfg
     pci: PciHost
     probe: ProbePort
+    acpi_pm: "acpi_pm.AcpiPm"
 
 
 E820_RAM, E820_RESERVED = 1, 2
@@ -166,7 +167,8 @@ E820_RAM, E820_RESERVED = 1, 2
 def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes], None],
                    debug_output: Callable[[bytes], None],
                    irq_line: Callable[[int, bool], None], on_reset: Callable[[], None],
-                   on_exit: Callable[[int], None]) -> Platform:
+                   on_exit: Callable[[int], None], *,
+                   on_poweroff: Callable[[], None] = lambda: None, cpus: int = 1) -> Platform:
     pio = Bus("pio", 0x10000)
     mmio = Bus("mmio", 1 << 52)
     serial = Serial16550(output, lambda level: irq_line(COM1_IRQ, level))
@@ -177,7 +179,7 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     cmos = Cmos(low, high)
     port92 = Port92(on_reset)
     debugcon = DebugCon(debug_output)
-    config = build_fw_cfg(plan, memory)
+    config = build_fw_cfg(plan, memory, cpus)
     pci = PciHost()
     pio.register(COM1_PORT, 8, serial, "com1")
     pio.register(I8042_PORT, 5, i8042, "i8042")
@@ -190,8 +192,10 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, output: Callable[[bytes
     probe = ProbePort()
     pio.register(PROBE_PORT, PROBE_PORT_SIZE, probe, "probe")
     mmio.register(probe_mmio_address(plan), PROBE_MMIO_SIZE, probe, "probe")
+    power = acpi_pm.AcpiPm(on_poweroff, lambda level: irq_line(acpi_pm.SCI_IRQ, level))
+    pio.register(acpi_pm.PORT_BASE, acpi_pm.PORT_SIZE, power, "acpi-pm")  # the FADT points here
     return Platform(pio, mmio, serial, i8042, debug_exit, cmos, port92, debugcon, config, pci,
-                    probe)
+                    probe, power)
 
 
 def probe_mmio_address(plan: MemoryMap) -> int:

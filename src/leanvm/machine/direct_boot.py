@@ -41,28 +41,23 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     reserved = [(r.base, r.size) for r in plan.enabled() if r.name == "kvm-private"]
     e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
     started = time.monotonic_ns()
-    elf, elf_file, note, decompress_ms, cached = kernel_elf(config, kernel)
-    saved = None
-    if decompress_ms is not None:
-        from leanvm.loader.decompress import guest_decompression_seconds, kernel_digest
-
-        saved = guest_decompression_seconds(kernel_digest(memoryview(kernel)))
-        if saved is not None:
-            note += f" (the guest took {saved:.1f} s to decompress it in a bzImage boot here)"
+    elf, elf_file, note, decompress_ms, cached, saved = kernel_elf(config, kernel)
     files: dict[str, Any] = {}
     if config.zero_copy:  # map whole pages from the files instead of copying them
         files = {"initrd_file": str(config.initrd) if config.initrd is not None else None,
                  "kernel_file": elf_file if elf is not None else str(config.kernel)}
+    rsdp = write_acpi_tables(memory, config.smp)
     loaded: "DirectKernel | PvhKernel"
     if elf is not None:
         from leanvm.loader.pvh import load_pvh
 
         loaded = load_pvh(memory, elf, str(config.kernel), initrd, str(config.initrd),
-                          config.cmdline, e820, low_end, **files)
+                          config.cmdline, e820, low_end, **files, rsdp=rsdp)
         mode = "pvh"
     else:
         loaded = load_linux64(memory, memoryview(kernel), str(config.kernel), initrd,
-                              str(config.initrd), config.cmdline, e820, low_end, **files)
+                              str(config.initrd), config.cmdline, e820, low_end, **files,
+                              rsdp=rsdp)
         mode = "bzimage"
     placed = placement_note(loaded)
     span = None
@@ -78,6 +73,26 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
         tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
     return DirectBoot(loaded, mode, f"{mode}{note}; {placed}", decompress_ms, cached, span,
                       saved)
+
+
+ACPI_TABLES_BASE = 0xE0000  # in the legacy hole the e820 map leaves out; Linux scans it too
+
+
+def write_acpi_tables(memory: "GuestMemory", cpus: int) -> int:
+    """ACPI tables describing this machine (firmware/acpi.py) for a direct boot; the RSDP's
+    address, for hvm_start_info.rsdp_paddr or boot_params.acpi_rsdp_addr."""
+    from leanvm.devices import acpi_pm
+    from leanvm.firmware.acpi import AcpiPlatform, build_acpi_tables
+
+    platform = AcpiPlatform(
+        cpus=cpus, pm1a_event_port=acpi_pm.PORT_BASE + acpi_pm.PM1_EVT_OFFSET,
+        pm1a_control_port=acpi_pm.PORT_BASE + acpi_pm.PM1_CNT_OFFSET,
+        pm_timer_port=acpi_pm.PORT_BASE + acpi_pm.PM_TMR_OFFSET, sci_irq=acpi_pm.SCI_IRQ,
+        s5_sleep_type=acpi_pm.SLP_TYP_S5, pm1_event_length=acpi_pm.PM1_EVT_LEN,
+        pm1_control_length=acpi_pm.PM1_CNT_LEN, pm_timer_length=acpi_pm.PM_TMR_LEN)
+    tables = build_acpi_tables(ACPI_TABLES_BASE, platform)
+    memory.write(tables.base, tables.blob)
+    return tables.rsdp_address
 
 
 def note_guest_decompression(boot: DirectBoot, kernel: Any, phases: dict[str, int],
@@ -112,31 +127,37 @@ def _size(count: int) -> str:
 
 
 def kernel_elf(config: "MachineConfig",
-               kernel: Any) -> tuple[Any, str | None, str, float | None, bool]:
+               kernel: Any) -> tuple[Any, str | None, str, float | None, bool, float | None]:
     """(ELF bytes to boot through PVH or None, the file they are in, a note for the summary,
-    host decompression time in ms or None, whether it came from the cache)."""
+    host decompression time in ms or None, whether it came from the cache, the seconds the
+    guest took to decompress this kernel in an earlier bzImage boot here, if recorded)."""
     from leanvm.loader.bzimage import is_bzimage
 
     mode = config.kernel_boot
     if bytes(kernel[:4]) == b"\x7fELF":
         if mode == "bzimage":
             raise ConfigError(f"{config.kernel}: an ELF kernel boots only through PVH")
-        return kernel, str(config.kernel), "", None, False
+        return kernel, str(config.kernel), "", None, False, None
     if mode == "bzimage" or not is_bzimage(bytes(kernel[:0x280])):
-        return None, None, "", None, False
-    from leanvm.loader.decompress import cached_vmlinux
+        return None, None, "", None, False, None
+    from leanvm.loader.decompress import (cached_vmlinux, guest_decompression_seconds,
+                                          kernel_digest)
     from leanvm.loader.files import map_readonly
     from leanvm.loader.pvh import pvh_entry
 
     started = time.monotonic_ns()
     try:
-        path, hit = cached_vmlinux(memoryview(kernel), str(config.kernel))
+        digest = kernel_digest(memoryview(kernel))
+        path, hit = cached_vmlinux(memoryview(kernel), str(config.kernel), digest)
         elf = map_readonly(path, "decompressed kernel")
         pvh_entry(elf, str(path))
     except ImageError as exc:
         if mode == "pvh":
             raise
-        return None, None, f", guest decompresses ({exc})", None, False
+        return None, None, f", guest decompresses ({exc})", None, False, None
     ms = (time.monotonic_ns() - started) / 1e6
     note = f", decompressed on the host {'(cached) ' if hit else ''}in {ms:.0f} ms"
-    return elf, str(path), note, ms, hit
+    saved = guest_decompression_seconds(digest)
+    if saved is not None:
+        note += f" (the guest took {saved:.1f} s to decompress it in a bzImage boot here)"
+    return elf, str(path), note, ms, hit, saved

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from leanvm.machine.direct_boot import DirectBoot
     from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
+    from leanvm.kvm.cpuid import CpuidTable
+    from leanvm.machine.fallback import Fallback
+    from leanvm.machine.host_check import HostFinding
     from leanvm.machine.tracing import BootTrace
     from leanvm.trace.events import Event
 
@@ -92,8 +95,10 @@ class RunResult(NamedTuple):
 
     @property
     def exit_code(self) -> int:
-        """Process exit code for the CLI: 0 for a reset, the guest's status for its exit port."""
-        if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE, StopReason.CONSOLE_MATCH):
+        """Process exit code for the CLI: 0 for a reset or power-off, the guest's status for
+        its exit port."""
+        if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE, StopReason.CONSOLE_MATCH,
+                           StopReason.POWEROFF):
             return 0
         if self.reason is StopReason.GUEST_EXIT:
             return (self.status or 0) & 0xFF
@@ -120,10 +125,17 @@ class Machine:
         self._debug_line = bytearray()
         self._debug_stream: BinaryIO | None = None
         self._control = LoopControl()
+        if config.smp > 1:  # several vCPUs: a stop reaches every vCPU's loop (vcpus.py)
+            from leanvm.machine.vcpus import GroupControl
+
+            self._control = GroupControl()
         self._closables: list[Any] = []
         self._output: BinaryIO | None = None
         self._extra_mappings: list[HostMapping] = []
         self.result: RunResult | None = None
+        self.fallback: "Fallback | None" = None  # built with the machine when it is on
+        self.cpu_profile: str | None = None  # "host" or "emulated", once built
+        self._host_finding: "HostFinding | None" = None
         self._vcpu_thread: int | None = None
         self._restore_tty: "Callable[[], None] | None" = None
         self._until: bytes | None = None
@@ -157,7 +169,7 @@ class Machine:
         kernel = self._map_kernel() if config.kernel is not None else None
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
-        cpuid = self.kvm.supported_cpuid().without(config.hide_cpu_features)
+        cpuid = self._apply_cpu_profile(self.kvm.supported_cpuid())
         self.plan = plan_for(config, cpuid.phys_addr_bits())
         self.vm = self.kvm.create_vm()
         self._closables.insert(0, self.vm)
@@ -174,7 +186,8 @@ class Machine:
 
         self.platform: Platform = build_platform(self.plan, self.memory, self._serial_output,
                                                  self._debug_output, self.vm.irq_line,
-                                                 self._on_reset, self._on_guest_exit)
+                                                 self._on_reset, self._on_guest_exit,
+                                                 on_poweroff=self._on_poweroff, cpus=config.smp)
         self.flash_banks: list = []
         self.bios_area = None
         flash = config.flash
@@ -203,6 +216,9 @@ class Machine:
         if self._boot_trace is not None:
             self._wire_tracing(self._boot_trace)
         self.vcpu = self.vm.create_vcpu(0)
+        from leanvm.machine.topology import vcpu_cpuid
+
+        ap_cpuid, cpuid = cpuid, vcpu_cpuid(cpuid, 0, config.smp)  # vCPU 0's APIC id, topology
         if direct:
             from leanvm.machine.direct_boot import load_direct
 
@@ -222,7 +238,13 @@ class Machine:
         else:
             boot = load_bare(self.memory, image, config.args)
             setup_long_mode(self.vcpu, boot, cpuid)
+        self.vcpus: "list[Vcpu]" = [self.vcpu]
+        if config.smp > 1:  # after the irqchip (above); they wait for the guest's SIPI
+            from leanvm.machine.vcpus import create_aps
+
+            self.vcpus += create_aps(self.vm, ap_cpuid, config.smp)
         self.image = image
+        self.fallback = self._make_fallback(cpuid.phys_addr_bits())
         self.state = RunState.READY
         if self.tracer.enabled:
             self.tracer.instant("vmm", "images loaded")
@@ -299,11 +321,44 @@ class Machine:
         return trap
 
     def _on_emulation_failure(self, vcpu: "Vcpu", exit_: object) -> bool:
+        """The kernel-entry trap first; what it does not claim goes to the fallback."""
         trap = self.entry_trap
-        if trap is None or not trap.armed:
+        if trap is not None and trap.armed:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            if trap.on_fault(sregs.cs.base + regs.rip, sregs.cs.selector, regs.rip):
+                return True
+        fallback = self.fallback
+        if fallback is None:
             return False
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        return trap.on_fault(sregs.cs.base + regs.rip, sregs.cs.selector, regs.rip)
+        detail = fallback.handle(vcpu, exit_)  # type: ignore[arg-type]
+        if detail is not None:
+            self._control.request(Stop(StopReason.INTERNAL_ERROR, detail))
+        return True
+
+    # --- CPU profile and emulation fallback (docs/emulation.md) ---------------------------
+    @property
+    def host_finding(self) -> "HostFinding":
+        """Whether this host needs the emulated profile and the fallback (cached per boot)."""
+        if self._host_finding is None:
+            from leanvm.machine.host_check import check_host
+
+            self._host_finding = check_host(self.config.kvm_path)
+        return self._host_finding
+
+    def _apply_cpu_profile(self, table: "CpuidTable") -> "CpuidTable":
+        from leanvm.machine import cpu_profile
+
+        self.cpu_profile = cpu_profile.resolve(self.config.cpu_profile,
+                                               lambda: self.host_finding.needs_fallback)
+        return cpu_profile.apply(table, self.cpu_profile, self.config.hide_cpu_features)
+
+    def _make_fallback(self, phys_bits: int) -> "Fallback | None":
+        mode = self.config.emulation_fallback
+        if mode == "off" or (mode == "auto" and not self.host_finding.needs_fallback):
+            return None
+        from leanvm.machine.fallback import Fallback
+
+        return Fallback(self.memory, phys_bits)
 
     @property
     def pio_bus(self) -> Bus:
@@ -341,11 +396,18 @@ class Machine:
         self._vcpu_thread = threading.get_ident()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
-        if self.entry_trap is not None:
+        if self.entry_trap is not None or self.fallback is not None:
             self._control.on_emulation_failure = self._on_emulation_failure
         first_entry = time.monotonic_ns()
         try:
-            stop = run_loop(self.vcpu, self.platform.pio, self.platform.mmio, self._control)
+            if len(self.vcpus) > 1:
+                from leanvm.machine.vcpus import run_vcpus
+
+                stop = run_vcpus(self.vcpus, self.platform.pio, self.platform.mmio,
+                                 self._control,  # type: ignore[arg-type]
+                                 KICK_SIGNAL if _kick_handler_installed else None)
+            else:
+                stop = run_loop(self.vcpu, self.platform.pio, self.platform.mmio, self._control)
         except KeyboardInterrupt:
             stop = Stop(StopReason.INTERRUPTED, "interrupted by the user (Ctrl-C)")
         finally:
@@ -358,12 +420,14 @@ class Machine:
             self._trace_run(first_entry, stopped, stop)
         rip = None
         if stop.reason in (StopReason.INTERNAL_ERROR, StopReason.SHUTDOWN, StopReason.UNHANDLED):
+            stopper = getattr(self._control, "stopped_by", None) or 0  # SMP: which vCPU
             try:
-                rip = self.vcpu.get_regs().rip
+                rip = self.vcpus[stopper].get_regs().rip
             except LeanvmError:
                 rip = None
             if stop.reason is StopReason.INTERNAL_ERROR and stop.exit is not None:
-                stop = Stop(stop.reason, stop.exit.describe(rip), exit=stop.exit)  # type: ignore[union-attr]
+                where = f"vCPU {stopper}: " if stopper else ""
+                stop = Stop(stop.reason, where + stop.exit.describe(rip), exit=stop.exit)  # type: ignore[union-attr]
         self.result = RunResult(stop.reason, stop.detail, stop.status, self._control.exits, rip,
                                 self.process_start_ns, first_entry, stopped,
                                 self.entry_trap.hit if self.entry_trap is not None else None)
@@ -411,6 +475,8 @@ class Machine:
             return
         for bank in getattr(self, "flash_banks", ()):
             bank.close()
+        if self.fallback is not None:
+            self.fallback.close()
         memory = getattr(self, "memory", None)
         if memory is not None:
             memory.close()
@@ -503,6 +569,9 @@ class Machine:
     # --- device callbacks (run on the vCPU thread) -------------------------------------
     def _on_reset(self) -> None:
         self._control.request(Stop(StopReason.RESET, "the guest requested a reset (i8042)"))
+
+    def _on_poweroff(self) -> None:
+        self._control.request(Stop(StopReason.POWEROFF, "the guest powered off (ACPI S5)"))
 
     def _on_guest_exit(self, status: int) -> None:
         self._control.request(Stop(StopReason.GUEST_EXIT,

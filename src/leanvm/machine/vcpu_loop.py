@@ -19,6 +19,7 @@ from leanvm.kvm.vcpu import Vcpu
 
 class StopReason(Enum):
     RESET = "reset"  # the guest asked for a reset (i8042 0xFE, output port)
+    POWEROFF = "poweroff"  # the guest powered off (ACPI S5: SLP_EN in PM1a_CNT)
     GUEST_EXIT = "guest-exit"  # the guest wrote its status to the exit port
     HALT = "halt"  # HLT with nothing to wake the vCPU (no in-kernel irqchip)
     SHUTDOWN = "shutdown"  # triple fault

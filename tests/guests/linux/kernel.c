@@ -1,8 +1,8 @@
 /* leanvm's Linux-shaped test kernel: reports what the boot loader handed over.
  *
- * kmain gets struct boot_params (only the setup header, offsets 0x1f1-0x26b, is read) and
- * prints the command line and the initrd's size, checksum (of its first 64 KiB) and first
- * line on COM1, then
+ * kmain gets struct boot_params (acpi_rsdp_addr at 0x070 and the setup header, offsets
+ * 0x1f1-0x26b, are read) and prints the command line, the ACPI RSDP address and the initrd's
+ * size, checksum (of its first 64 KiB) and first line on COM1, then
  * returns 0, which head.S writes to leanvm's exit port. */
 #include "../runtime.h"
 
@@ -35,6 +35,8 @@ static int pvh_main(const u8 *si)
         puts((const char *)cmdline);
     puts("\nmemmap entries: ");
     put_dec(rd32(si + 48));
+    puts("\nrsdp: ");
+    put_hex(rd64(si + 32)); /* rsdp_paddr */
     u32 modules = rd32(si + 12);
     u64 initrd = 0, initrd_size = 0;
     if (modules) {
@@ -70,6 +72,8 @@ int kmain(const u8 *bp)
     u32 cmdline = rd32(bp + 0x228);
     if (cmdline)
         puts((const char *)(u64)cmdline);
+    puts("\nrsdp: ");
+    put_hex(rd64(bp + 0x070)); /* acpi_rsdp_addr */
     u32 initrd = rd32(bp + 0x218), initrd_size = rd32(bp + 0x21c);
     puts("\ninitrd: ");
     put_dec(initrd_size);

@@ -1,0 +1,64 @@
+"""CPU profiles: which CPUID features a guest sees (``--cpu-profile``).
+
+A host whose KVM emulates guest supervisor code instruction by instruction (docs/emulation.md)
+cannot emulate many of the newer instructions. A kernel that finds a feature in CPUID uses it
+at CPL 0, so every use ends in an emulation failure: the "emulated" profile hides those
+features, and the kernel takes its older code paths that the host can run.
+
+    host      what KVM_GET_SUPPORTED_CPUID offers
+    emulated  host, without EMULATED_HIDDEN and the leaf-7 feature words
+    auto      emulated on hosts that need it (machine/host_check.py), else host
+
+``--cpu-hide`` (MachineConfig.hide_cpu_features) applies on top of any profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from leanvm.errors import ConfigError
+from leanvm.kvm.cpuid import CpuidTable
+
+PROFILES = ("host", "emulated")  # "auto" resolves to one of these
+
+# Leaf-1 features whose instructions the host could not emulate at CPL 0 (SPECS.md: a stock
+# Debian kernel needed each hidden to get this far): CMPXCHG16B, XSAVE/XRSTOR and what needs
+# them (OSXSAVE, AVX, FMA, F16C), RDRAND, POPCNT, MOVBE, and the SSE3+ extensions.
+EMULATED_HIDDEN: tuple[str, ...] = (
+    "cx16", "xsave", "osxsave", "avx", "fma", "f16c", "rdrand", "popcnt", "movbe",
+    "sse4_1", "sse4_2", "ssse3", "pclmulqdq", "aes",
+)
+STRUCTURED_FEATURES_LEAF = 7  # Intel SDM: structured extended feature flags (all subleaves)
+XSAVE_LEAF = 0xD  # Intel SDM: processor extended state enumeration
+
+
+def resolve(setting: str, host_needs_emulated: Callable[[], bool]) -> str:
+    """"host" or "emulated" for a MachineConfig.cpu_profile setting; ``host_needs_emulated``
+    is only called for "auto" (it may run the host check)."""
+    if setting == "auto":
+        return "emulated" if host_needs_emulated() else "host"
+    if setting not in PROFILES:
+        raise ConfigError(f"bad CPU profile {setting!r}: expected auto, {', '.join(PROFILES)}")
+    return setting
+
+
+def apply(table: CpuidTable, profile: str, hide: Sequence[str] = ()) -> CpuidTable:
+    """``table`` (KVM's supported CPUID) as a guest with ``profile`` sees it, then without
+    the features named in ``hide``."""
+    if profile == "emulated":
+        table = table.without(EMULATED_HIDDEN).with_leaf_cleared(STRUCTURED_FEATURES_LEAF)
+    elif profile != "host":
+        raise ConfigError(f"bad CPU profile {profile!r}: expected {', '.join(PROFILES)}")
+    if hide:
+        table = table.without(hide)
+    if not table.has("xsave"):
+        table = table.without(("osxsave",)).with_leaf_cleared(XSAVE_LEAF)  # nothing to enumerate
+    return table
+
+
+def describe(profile: str) -> str:
+    """One line saying what ``profile`` hides (for `leanvm version` and messages)."""
+    if profile == "emulated":
+        return ("emulated CPU profile: hides " + ", ".join(EMULATED_HIDDEN)
+                + " and the leaf-7 feature words (leaf 0xD cleared with XSAVE)")
+    return "host CPU profile: every feature KVM offers"
