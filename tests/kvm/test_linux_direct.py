@@ -21,12 +21,14 @@ def test_test_kernel_gets_boot_params_cmdline_and_initrd(test_kernel: Path, tmp_
         loaded = vm.direct_kernel
         assert loaded is not None and loaded.entry == 0x100200
         zero_page = vm.memory.read(0x7000, 4096)
+        cmdline = vm.kernel_cmdline
+        assert cmdline.startswith("root=none x=1")  # plus what the CPU profile may add
         result = vm.run(timeout=60)
         events = [e.name for e in vm.trace_events]
     console = vm.console.decode(errors="replace")
     assert result.reason is StopReason.GUEST_EXIT and result.status == 0, (result.detail, console)
     assert "leanvm-test-kernel: entry 64-bit boot_params=0x0000000000007000" in console
-    assert "loader: 0x00000000000000ff" in console and "cmdline: root=none x=1\r\n" in console
+    assert "loader: 0x00000000000000ff" in console and f"cmdline: {cmdline}\r\n" in console
     assert f"initrd: {len(payload)} bytes at {loaded.initrd_address:#018x}" in console
     assert "initrd text: direct initrd" in console
     assert loaded.initrd_address % 4096 == 0 and loaded.initrd_address + len(payload) <= 64 << 20
@@ -72,7 +74,8 @@ def test_pvh_boot_of_the_decompressed_payload(test_kernel: Path, tmp_path: Path,
         console = vm.console.decode(errors="replace")
         assert result.status == 0, (result.detail, console)
         assert "leanvm-test-kernel: entry pvh start_info=0x0000000000006000" in console
-        assert "magic: 0x00000000336ec578" in console and "cmdline: via pvh\r\n" in console
+        assert "magic: 0x00000000336ec578" in console
+        assert f"cmdline: {vm.kernel_cmdline}\r\n" in console
         assert "memmap entries: 3" in console
         assert f"initrd: 550 bytes at {loaded.initrd_address:#018x}" in console
         assert ("(cached)" in vm.kernel_boot_note) == (round_ == "cached"), vm.kernel_boot_note
@@ -82,7 +85,8 @@ def test_pvh_boot_of_the_decompressed_payload(test_kernel: Path, tmp_path: Path,
 def test_elf_vmlinux_boots_through_pvh(test_kernel: Path) -> None:
     with Machine(memory="64M", kernel=test_kernel.with_name("vmlinux"), cmdline="elf") as vm:
         result = vm.run(timeout=60)
-    assert result.status == 0 and "cmdline: elf\r\n" in vm.console.decode(errors="replace")
+    assert result.status == 0
+    assert f"cmdline: {vm.kernel_cmdline}\r\n" in vm.console.decode(errors="replace")
 
 
 @pytest.mark.slow
@@ -138,3 +142,61 @@ def test_no_zero_copy_copies(test_kernel: Path, tmp_path: Path) -> None:
         assert vm.direct_kernel is not None and not vm.direct_kernel.initrd_mapped
         assert "copied" in vm.kernel_boot_note and "mapped" not in vm.kernel_boot_note
         assert vm.run(timeout=60).status == 0
+
+
+@pytest.mark.parametrize("mode", ["pvh", "bzimage"])
+def test_a_kernel_panic_stops_the_vm_with_its_reason(test_kernel: Path, mode: str) -> None:
+    with Machine(memory="64M", kernel=test_kernel, cmdline="please panic", kernel_boot=mode) as vm:
+        result = vm.run(timeout=30)
+    assert result.reason is StopReason.GUEST_PANIC, (result.detail, vm.console[-200:])
+    assert result.detail == ("the guest kernel panicked: Kernel panic - not syncing: leanvm "
+                             "test kernel asked to panic")
+    assert result.exit_code == 3
+
+
+def test_emulated_profile_adds_linux_switches_for_what_the_host_shows(test_kernel: Path) -> None:
+    with Machine(memory="64M", kernel=test_kernel, cmdline="x=1") as vm:
+        finding = vm.host_finding
+        if vm.cpu_profile != "emulated" or not finding.unhidden:
+            assert vm.kernel_cmdline == "x=1" and vm.cmdline_added == ()
+            pytest.skip("this host hides what the emulated profile hides: nothing to add")
+        assert vm.kernel_cmdline.startswith("x=1 ") and vm.cmdline_added
+        if "xsave" in finding.unhidden:
+            assert "noxsave" in vm.cmdline_added
+    # what the user says wins; the host profile adds nothing
+    with Machine(memory="64M", kernel=test_kernel, cmdline="clearcpuid=smap noxsave") as vm:
+        assert all(not p.startswith(("clearcpuid", "noxsave")) for p in vm.cmdline_added)
+    with Machine(memory="64M", kernel=test_kernel, cmdline="x=1", cpu_profile="host") as vm:
+        assert vm.kernel_cmdline == "x=1" and vm.cmdline_added == ()
+
+
+def test_compressed_initramfs_is_unpacked_on_the_host(test_kernel: Path, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    import gzip
+
+    monkeypatch.setenv("LEANVM_CACHE", str(tmp_path / "cache"))
+    archive = cpio_with_init(tmp_path)
+    initrd = tmp_path / "initrd.gz"
+    initrd.write_bytes(gzip.compress(archive, mtime=0))
+    with Machine(memory="64M", kernel=test_kernel, initrd=initrd) as vm:
+        assert vm.direct_kernel.initrd_size == len(archive) and vm.direct_kernel.initrd_mapped
+        assert "decompressed on the host (gzip to" in vm.kernel_boot_note
+        result = vm.run(timeout=60)
+    from tests.kvm.test_linux_firmware import fnv1a
+
+    report = f"initrd: {len(archive)} bytes at {vm.direct_kernel.initrd_address:#018x} fnv1a "
+    assert result.status == 0
+    assert report + f"{fnv1a(archive):#018x}" in vm.console.decode(errors="replace")
+    with Machine(memory="64M", kernel=test_kernel, initrd=initrd, initrd_unpack=False) as vm:
+        assert vm.direct_kernel.initrd_size == initrd.stat().st_size
+        assert "decompressed on the host (gzip" not in vm.kernel_boot_note
+
+
+def cpio_with_init(tmp_path: Path) -> bytes:
+    import subprocess
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "init").write_bytes(b"#!/bin/sh\n" + bytes(range(256)) * 64)
+    return subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=b"init\n", cwd=root,
+                          capture_output=True, check=True).stdout

@@ -101,3 +101,16 @@ def test_describe_names_the_hidden_features() -> None:
     text = cpu_profile.describe("emulated")
     assert "cx16" in text and "leaf-7" in text
     assert "every feature" in cpu_profile.describe("host")
+
+
+def test_linux_parameters_for_unhidden_features() -> None:
+    from leanvm.machine.cpu_profile import linux_parameters, with_parameters
+
+    assert linux_parameters("host", ("xsave", "smap")) == ()
+    assert linux_parameters("emulated", ()) == ()
+    assert linux_parameters("emulated", ("avx", "smap", "sha")) == (
+        "noxsave", "clearcpuid=smap,sha_ni")
+    assert linux_parameters("emulated", ("popcnt",)) == ("clearcpuid=popcnt",)
+    line, added = with_parameters("console=ttyS0 noxsave", ("noxsave", "clearcpuid=smap"))
+    assert line == "console=ttyS0 noxsave clearcpuid=smap" and added == ("clearcpuid=smap",)
+    assert with_parameters("", ("noxsave",)) == ("noxsave", ("noxsave",))

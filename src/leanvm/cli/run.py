@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
                         help="copy the kernel and initrd into guest RAM instead of mapping "
                              "their pages copy-on-write from the files (direct boot)")
+    parser.add_argument("--no-initrd-unpack", dest="initrd_unpack", action="store_false",
+                        help="boot a compressed initramfs as it is (by default leanvm "
+                             "decompresses it on the host once, cached, for direct boots)")
     parser.add_argument("-smp", "--smp", type=int, default=1, metavar="N",
                         help="virtual CPUs, one host thread each (default 1)")
     parser.add_argument("--cpu-profile", default="auto", choices=("auto", "host", "emulated"),
@@ -116,6 +119,7 @@ def handle(args: argparse.Namespace) -> int:
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
                            trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
                            smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
+                           initrd_unpack=args.initrd_unpack,
                            emulation_fallback=args.emulation_fallback,
                            probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,

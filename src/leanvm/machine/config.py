@@ -98,7 +98,7 @@ class MachineConfig:
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
-                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy")
+                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy", "initrd_unpack")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -111,7 +111,8 @@ class MachineConfig:
                  cmdline: str = "", trace: bool = False,
                  probe_names: tuple[tuple[int, str], ...] = (),
                  kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
-                 emulation_fallback: str = "auto", zero_copy: bool = True) -> None:
+                 emulation_fallback: str = "auto", zero_copy: bool = True,
+                 initrd_unpack: bool = True) -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -169,6 +170,9 @@ class MachineConfig:
         # direct boot: map kernel and initrd pages copy-on-write from their files (shared
         # page cache) instead of copying them into guest RAM
         self.zero_copy: bool = bool(zero_copy)
+        # direct boot: a compressed initramfs is decompressed on the host (cached) so the
+        # guest only copies files out of it
+        self.initrd_unpack: bool = bool(initrd_unpack)
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
         if self.kernel is not None and self.guest is not None:

@@ -62,3 +62,30 @@ def describe(profile: str) -> str:
         return ("emulated CPU profile: hides " + ", ".join(EMULATED_HIDDEN)
                 + " and the leaf-7 feature words (leaf 0xD cleared with XSAVE)")
     return "host CPU profile: every feature KVM offers"
+
+
+# Features Linux disables as a group with "noxsave" (XSAVE and what needs it).
+XSAVE_FAMILY = frozenset({"xsave", "osxsave", "avx", "avx2", "avx512f", "fma", "f16c"})
+LINUX_NAMES = {"sha": "sha_ni"}  # our name -> Linux's (/proc/cpuinfo, clearcpuid=)
+
+
+def linux_parameters(profile: str, unhidden: Sequence[str]) -> tuple[str, ...]:
+    """Kernel parameters that make Linux itself leave alone what the emulated profile
+    meant to hide but this host's CPUID shows anyway (``unhidden``, from the host check):
+    ``noxsave`` for XSAVE and its family, ``clearcpuid=`` for the rest (Linux 6.x takes
+    feature names). Nothing for the host profile, or when hiding worked."""
+    if profile != "emulated" or not unhidden:
+        return ()
+    params = ["noxsave"] if XSAVE_FAMILY & set(unhidden) else []
+    rest = [LINUX_NAMES.get(name, name) for name in unhidden if name not in XSAVE_FAMILY]
+    if rest:
+        params.append("clearcpuid=" + ",".join(rest))
+    return tuple(params)
+
+
+def with_parameters(cmdline: str, params: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """(``cmdline`` with the ``params`` it does not already set, the ones added). A
+    parameter the user gave (same name before "=") wins."""
+    given = {word.split("=", 1)[0] for word in cmdline.split()}
+    added = tuple(p for p in params if p.split("=", 1)[0] not in given)
+    return " ".join([cmdline.strip(), *added]).strip(), added

@@ -33,8 +33,11 @@ class DirectBoot(NamedTuple):
 
 
 def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory",
-                kernel: Any, initrd: Any, tracer: "Tracer") -> DirectBoot:
-    """Load ``kernel`` (mapped file bytes) and ``initrd`` into ``memory`` for direct entry."""
+                kernel: Any, initrd: Any, tracer: "Tracer",
+                cmdline: str | None = None) -> DirectBoot:
+    """Load ``kernel`` (mapped file bytes) and ``initrd`` into ``memory`` for direct entry,
+    with ``cmdline`` (default: the configured one)."""
+    cmdline = config.cmdline if cmdline is None else cmdline
     from leanvm.loader.linux64 import linux_e820, load_linux64
 
     ram = [(r.base, r.size) for r in plan.enabled() if r.name.startswith("ram")]
@@ -42,9 +45,10 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
     started = time.monotonic_ns()
     elf, elf_file, note, decompress_ms, cached, saved = kernel_elf(config, kernel)
+    initrd, initrd_file, initrd_note = unpacked_initrd(config, initrd, low_end)
     files: dict[str, Any] = {}
     if config.zero_copy:  # map whole pages from the files instead of copying them
-        files = {"initrd_file": str(config.initrd) if config.initrd is not None else None,
+        files = {"initrd_file": initrd_file,
                  "kernel_file": elf_file if elf is not None else str(config.kernel)}
     rsdp = write_acpi_tables(memory, config.smp)
     loaded: "DirectKernel | PvhKernel"
@@ -52,11 +56,11 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
         from leanvm.loader.pvh import load_pvh
 
         loaded = load_pvh(memory, elf, str(config.kernel), initrd, str(config.initrd),
-                          config.cmdline, e820, low_end, **files, rsdp=rsdp)
+                          cmdline, e820, low_end, **files, rsdp=rsdp)
         mode = "pvh"
     else:
         loaded = load_linux64(memory, memoryview(kernel), str(config.kernel), initrd,
-                              str(config.initrd), config.cmdline, e820, low_end, **files,
+                              str(config.initrd), cmdline, e820, low_end, **files,
                               rsdp=rsdp)
         mode = "bzimage"
     placed = placement_note(loaded)
@@ -71,8 +75,36 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
                 "initrd_mapped": loaded.initrd_mapped, "kernel_mapped": loaded.kernel_mapped,
                 "kernel_copied": loaded.kernel_copied, "detail": note.strip(" ,")}
         tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
-    return DirectBoot(loaded, mode, f"{mode}{note}; {placed}", decompress_ms, cached, span,
-                      saved)
+    return DirectBoot(loaded, mode, f"{mode}{note}; {placed}{initrd_note}", decompress_ms,
+                      cached, span, saved)
+
+
+def unpacked_initrd(config: "MachineConfig", initrd: Any,
+                    low_ram_end: int) -> tuple[Any, str | None, str]:
+    """(the initrd to boot, the file it is in, a note): a compressed initramfs decompressed
+    on the host (cached; loader/initrd.py) when that is on and the result leaves room in low
+    RAM for the guest to unpack it (twice its size), else the initrd as given."""
+    path = str(config.initrd) if config.initrd is not None else None
+    if not config.initrd_unpack or not len(initrd):
+        return initrd, path, ""
+    from leanvm.loader.files import map_readonly
+    from leanvm.loader.initrd import unpacked_initrd as unpack
+
+    started = time.monotonic_ns()
+    try:
+        unpacked = unpack(memoryview(initrd), str(path))
+    except ImageError as exc:
+        return initrd, path, f" (booted as given: {exc})"
+    if unpacked is None:
+        return initrd, path, ""
+    if 2 * unpacked.size > low_ram_end:
+        return initrd, path, (f" (not decompressed on the host: {_size(unpacked.size)} "
+                              "uncompressed needs more RAM)")
+    ms = (time.monotonic_ns() - started) / 1e6
+    how = "cached" if unpacked.cached else f"in {ms:.0f} ms"
+    note = (f", decompressed on the host ({'+'.join(unpacked.formats)} to "
+            f"{_size(unpacked.size)}, {how})")
+    return map_readonly(unpacked.path, "unpacked initramfs"), str(unpacked.path), note
 
 
 ACPI_TABLES_BASE = 0xE0000  # in the legacy hole the e820 map leaves out; Linux scans it too

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from leanvm.devices.bus import Bus
-from leanvm.errors import ConfigError, GuestError, LeanvmError
+from leanvm.errors import ConfigError, GuestError, ImageError, LeanvmError
 from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ram,
                                     setup_kvm_private)
 from leanvm.machine.config import MachineConfig, SerialConfig
@@ -30,7 +31,7 @@ from leanvm.trace.events import Tracer
 
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     import re
     from typing import Any, BinaryIO
 
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from leanvm.memory.residency import Residency
 
 CONSOLE_KEEP = 1 << 20  # bytes of serial output kept in memory for Machine.console
+PANIC_LINE = b"Kernel panic - not syncing"  # Linux's panic() message
+PANIC_WINDOW = 4096  # bytes of recent console output searched for it
 NO_BOOT_DEVICE_LINE = b"No bootable device."  # SeaBIOS, before it waits 60 s to retry
 KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
 
@@ -139,6 +142,7 @@ class Machine:
         self._vcpu_thread: int | None = None
         self._restore_tty: "Callable[[], None] | None" = None
         self._until: bytes | None = None
+        self._watch_panic = config.kernel is not None  # Linux guests: stop at a kernel panic
         self._thread: threading.Thread | None = None
         self._background_error: BaseException | None = None
         self._console_changed = threading.Condition()
@@ -170,6 +174,7 @@ class Machine:
         self.kvm = Kvm(config.kvm_path)
         self._closables.append(self.kvm)
         cpuid = self._apply_cpu_profile(self.kvm.supported_cpuid())
+        self.kernel_cmdline, self.cmdline_added = self._linux_cmdline()
         self.plan = plan_for(config, cpuid.phys_addr_bits())
         self.vm = self.kvm.create_vm()
         self._closables.insert(0, self.vm)
@@ -212,7 +217,8 @@ class Machine:
         self.decompress_ms: float | None = None
         self.entry_trap: "EntryTrap | None" = None
         if kernel is not None and not direct:
-            self.kernel = self._serve_kernel(kernel)
+            with self._explain_cmdline():
+                self.kernel = self._serve_kernel(kernel)
         if self._boot_trace is not None:
             self._wire_tracing(self._boot_trace)
         self.vcpu = self.vm.create_vcpu(0)
@@ -222,7 +228,9 @@ class Machine:
         if direct:
             from leanvm.machine.direct_boot import load_direct
 
-            self.direct_boot = load_direct(config, self.plan, self.memory, *kernel, self.tracer)
+            with self._explain_cmdline():
+                self.direct_boot = load_direct(config, self.plan, self.memory, *kernel,
+                                               self.tracer, self.kernel_cmdline)
             self._kernel_image = kernel[0]  # for the decompression record after a traced run
             self.direct_kernel = self.direct_boot.kernel
             self.kernel_boot_note = self.direct_boot.note
@@ -292,7 +300,7 @@ class Machine:
         config = self.config
         kernel, initrd = files
         planned = plan_firmware_kernel(memoryview(kernel), str(config.kernel), initrd,
-                                       str(config.initrd), config.cmdline,
+                                       str(config.initrd), self.kernel_cmdline,
                                        self.plan.get("ram-low").size)
         rom = find_rom(LINUXBOOT_ROM).read_bytes()
         add_firmware_kernel(self.platform.fw_cfg, planned, rom)
@@ -351,6 +359,29 @@ class Machine:
         self.cpu_profile = cpu_profile.resolve(self.config.cpu_profile,
                                                lambda: self.host_finding.needs_fallback)
         return cpu_profile.apply(table, self.cpu_profile, self.config.hide_cpu_features)
+
+    def _linux_cmdline(self) -> tuple[str, tuple[str, ...]]:
+        """(the kernel command line to boot, the parameters leanvm added): the emulated
+        profile asks Linux itself to leave alone the features this host's CPUID shows
+        although the profile hides them (cpu_profile.linux_parameters)."""
+        config = self.config
+        if config.kernel is None or self.cpu_profile != "emulated":
+            return config.cmdline, ()
+        from leanvm.machine.cpu_profile import linux_parameters, with_parameters
+
+        params = linux_parameters(self.cpu_profile, self.host_finding.unhidden)
+        return with_parameters(config.cmdline, params)
+
+    @contextlib.contextmanager
+    def _explain_cmdline(self) -> "Iterator[None]":
+        """A command line too long for the kernel says what leanvm added to it."""
+        try:
+            yield
+        except ImageError as exc:
+            if "command line" not in str(exc) or not self.cmdline_added:
+                raise
+            raise ImageError(f"{exc} (with {' '.join(self.cmdline_added)} that the emulated "
+                             "CPU profile added; --cpu-profile host leaves them out)") from None
 
     def _make_fallback(self, phys_bits: int) -> "Fallback | None":
         mode = self.config.emulation_fallback
@@ -612,6 +643,8 @@ class Machine:
         if self._console_watchers and b"\n" in data:
             with self._console_changed:
                 self._console_changed.notify_all()
+        if self._watch_panic and b"\n" in data:
+            self._check_panic()
         until = self._until
         if until is not None and until in console[-(len(data) + len(until)):]:
             self._until = None
@@ -621,6 +654,18 @@ class Machine:
             del console[:-CONSOLE_KEEP]
         if self._output is not None:
             self._output.write(data)
+
+    def _check_panic(self) -> None:
+        """A Linux guest that panics stops the VM at once, with the panic's reason (the
+        kernel would otherwise spin or wait for a reboot that tells the host nothing)."""
+        tail = bytes(self._console[-PANIC_WINDOW:])
+        at = tail.rfind(PANIC_LINE)
+        end = tail.find(b"\n", at) if at >= 0 else -1
+        if end < 0:
+            return
+        self._watch_panic = False
+        line = tail[at:end].decode(errors="replace").strip()
+        self._control.request(Stop(StopReason.GUEST_PANIC, f"the guest kernel panicked: {line}"))
 
     # --- serial wiring -----------------------------------------------------------------
     def _open_serial(self) -> None:

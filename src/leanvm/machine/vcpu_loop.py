@@ -31,6 +31,7 @@ class StopReason(Enum):
     UNHANDLED = "unhandled-exit"  # an exit leanvm does not handle
     NO_BOOT_DEVICE = "no-boot-device"  # the firmware found nothing to boot
     CONSOLE_MATCH = "console-match"  # the serial output showed what run(until=...) waited for
+    GUEST_PANIC = "guest-panic"  # the guest kernel printed "Kernel panic - not syncing"
 
 
 class Stop(NamedTuple):

@@ -21,6 +21,18 @@ static u32 fnv1a(const u8 *p, u32 n)
 
 static u64 rd64(const u8 *p) { return *(const u64 *)p; }
 
+/* "panic" on the command line: print Linux's panic line, then spin as a panicked kernel
+ * does (the VMM is expected to notice and stop). */
+static void maybe_panic(const char *cmdline)
+{
+    for (const char *p = cmdline; p && *p; p++)
+        if (p[0] == 'p' && p[1] == 'a' && p[2] == 'n' && p[3] == 'i' && p[4] == 'c') {
+            puts("\nKernel panic - not syncing: leanvm test kernel asked to panic\n");
+            for (;;)
+                __asm__ volatile("pause");
+        }
+}
+
 /* PVH: struct hvm_start_info (magic, version, flags, nr_modules, modlist, cmdline, rsdp,
  * memmap, memmap_entries); module 0 is the initrd. */
 static int pvh_main(const u8 *si)
@@ -33,6 +45,7 @@ static int pvh_main(const u8 *si)
     u64 cmdline = rd64(si + 24);
     if (cmdline)
         puts((const char *)cmdline);
+    maybe_panic((const char *)cmdline);
     puts("\nmemmap entries: ");
     put_dec(rd32(si + 48));
     puts("\nrsdp: ");
@@ -72,6 +85,7 @@ int kmain(const u8 *bp)
     u32 cmdline = rd32(bp + 0x228);
     if (cmdline)
         puts((const char *)(u64)cmdline);
+    maybe_panic((const char *)(u64)cmdline);
     puts("\nrsdp: ");
     put_hex(rd64(bp + 0x070)); /* acpi_rsdp_addr */
     u32 initrd = rd32(bp + 0x218), initrd_size = rd32(bp + 0x21c);
