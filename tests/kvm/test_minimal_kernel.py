@@ -26,11 +26,10 @@ from leanvm.machine.vcpu_loop import StopReason
 
 pytestmark = pytest.mark.slow
 
-# noxsave: this host's KVM cannot run XRSTOR at CPL 0 and cannot hide XSAVE from CPUID
-# (docs/emulation.md), so the kernel uses FXSAVE. clearcpuid=smap,popcnt: no CLAC/STAC or
-# POPCNT patched in, which this host cannot emulate either (3900 fallbacks less). rodata=off:
-# no read-only remapping of the kernel image after init (3.7 s of emulated page-table work).
-CMDLINE = "console=ttyS0 noxsave clearcpuid=smap,popcnt rodata=off"
+# On this host the emulated CPU profile adds noxsave and clearcpuid= itself (docs/emulation.md).
+# rodata=off: no read-only remapping of the kernel image after init (3.7 s of emulated
+# page-table work).
+CMDLINE = "console=ttyS0 rodata=off"
 BOOT_TIMEOUT = 420  # s, to the end; "Run /init" comes after about 25 s here
 RUN_INIT = b"Run /init as init process"
 # What ends a boot: a power-off (or a halt, with no power-off method), a fatal fault in

@@ -46,12 +46,16 @@ def test_emulated_hides_the_listed_leaf1_features() -> None:
     assert table.lookup(1).edx == ALL  # type: ignore[union-attr]  # SSE, SSE2, FXSR...
 
 
-def test_emulated_clears_every_leaf7_subleaf_and_leaf_0xd() -> None:
+def test_emulated_clears_every_leaf7_subleaf_but_erms_and_leaf_0xd() -> None:
     table = cpu_profile.apply(host_table(), "emulated")
     for entry in table.entries:
         if entry.function in (7, 0xD):
-            assert (entry.eax, entry.ebx, entry.ecx, entry.edx) == (0, 0, 0, 0), entry
+            ebx = entry.ebx if (entry.function, entry.index) != (7, 0) else entry.ebx & ~(1 << 9)
+            assert (entry.eax, ebx, entry.ecx, entry.edx) == (0, 0, 0, 0), entry
     assert not table.has("smap") and not table.has("fsgsbase")
+    assert table.has("erms")  # REP MOVSB: one emulated instruction per copy
+    no_erms = cpu_profile.apply(host_table().without(("erms",)), "emulated")
+    assert not no_erms.has("erms")  # kept, never added
     assert table.lookup(0x80000001).edx == ALL  # type: ignore[union-attr]  # untouched
     assert table.phys_addr_bits() == 0x27
 
@@ -108,8 +112,8 @@ def test_linux_parameters_for_unhidden_features() -> None:
 
     assert linux_parameters("host", ("xsave", "smap")) == ()
     assert linux_parameters("emulated", ()) == ()
-    assert linux_parameters("emulated", ("avx", "smap", "sha")) == (
-        "noxsave", "clearcpuid=smap,sha_ni")
+    assert linux_parameters("emulated", ("avx", "smap", "sha", "erms")) == (
+        "noxsave", "clearcpuid=smap,sha_ni")  # ERMS stays: REP MOVSB is cheap to emulate
     assert linux_parameters("emulated", ("popcnt",)) == ("clearcpuid=popcnt",)
     line, added = with_parameters("console=ttyS0 noxsave", ("noxsave", "clearcpuid=smap"))
     assert line == "console=ttyS0 noxsave clearcpuid=smap" and added == ("clearcpuid=smap",)

@@ -316,3 +316,10 @@ def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
     assert done.returncode == 2
     assert message in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_init_probe_ids_are_named_on_the_timeline() -> None:
+    from leanvm.loader.initramfs import INIT_PROBES
+    from leanvm.trace.events import BUILTIN_PROBES
+
+    assert all(BUILTIN_PROBES[ident] == name for ident, name in INIT_PROBES.items())

@@ -23,16 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _read(path: Path) -> bytes:
-    from leanvm.errors import ImageError
+    from leanvm.loader.files import map_readonly
 
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such kernel file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory; the kernel must be a regular file") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read the kernel ({exc.strerror})") from None
+    return bytes(map_readonly(path, "kernel"))  # one-line errors naming the file
 
 
 def handle_extract(args: argparse.Namespace) -> int:

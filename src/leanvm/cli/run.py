@@ -196,6 +196,7 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
     data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
                            for r in machine.memory.regions]  # type: ignore[attr-defined]
     data["host_memory"] = _host_memory(machine)
+    data["kernel_cmdline"] = getattr(machine, "kernel_cmdline", None)  # with what leanvm added
     fallback = getattr(machine, "fallback", None)  # docs/emulation.md
     data["cpu_profile"] = getattr(machine, "cpu_profile", None)
     data["emulation_fallback"] = fallback.to_json() if fallback is not None else None

@@ -124,6 +124,15 @@ class CpuidTable(NamedTuple):
             out.append(entry)
         return CpuidTable(tuple(out))
 
+    def with_features(self, features: Sequence[str]) -> "CpuidTable":
+        """A copy with each named feature's bit set (in leaves the table has)."""
+        out = list(self.entries)
+        for name in features:
+            leaf, sub, reg, bit = _feature(name)
+            out = [e._replace(**{reg: getattr(e, reg) | 1 << bit})
+                   if e.function == leaf and e.index == sub else e for e in out]
+        return CpuidTable(tuple(out))
+
     def with_leaf_cleared(self, function: int,
                           registers: Sequence[str] = _REGS) -> "CpuidTable":
         """A copy with the named output registers of every subleaf of ``function`` zeroed:

@@ -267,7 +267,7 @@ BUSYBOX = Path("/bin/busybox")  # Debian package busybox-static
 PROBE_HELPER = "bin/leanvm-probe"  # built from tests/guests/init/probe.c (make initrd-probe)
 # Probe ids user space fires on port 0x404 (docs/kernel.md): init's own milestones.
 INIT_PROBES = {3001: "init started", 3002: "init mounted file systems",
-               3003: "init powering off"}
+               3003: "init powering off"}  # trace.events.BUILTIN_PROBES names them too
 MARKER = "leanvm-init: user space is up"
 DEFAULT_INIT = f"""#!/bin/sh
 # leanvm's default /init (leanvm initrd build): mount, mark the timeline, report, power off.

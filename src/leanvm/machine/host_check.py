@@ -74,7 +74,7 @@ class HostFinding(NamedTuple):
                     "the fallback by default")
             if self.unhidden:
                 text += ("; the guest's CPUID shows these hidden features all the same: "
-                         + ", ".join(self.unhidden) + " (Linux: boot with noxsave)")
+                         + ", ".join(self.unhidden) + " (Linux: leanvm adds noxsave and clearcpuid= to the command line)")
             return text
         return ("this host's KVM runs every probed instruction at CPL 0; leanvm uses the "
                 "host CPU profile and no fallback by default")

@@ -111,4 +111,6 @@ _now = time.monotonic_ns
 BUILTIN_PROBES = {
     1001: "BIOS post", 1002: "BIOS int 18", 1003: "BIOS int 19", 1004: "BIOS boot OS",
     2001: "LinuxBoot copy kernel", 2002: "LinuxBoot copy initrd", 2003: "LinuxBoot boot OS",
+    # the /init of `leanvm initrd build` (loader/initramfs.py INIT_PROBES)
+    3001: "init started", 3002: "init mounted file systems", 3003: "init powering off",
 }
