@@ -200,3 +200,30 @@ def cpio_with_init(tmp_path: Path) -> bytes:
     (root / "init").write_bytes(b"#!/bin/sh\n" + bytes(range(256)) * 64)
     return subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=b"init\n", cwd=root,
                           capture_output=True, check=True).stdout
+
+
+def test_direct_boot_errors_are_one_line(test_kernel: Path, guest, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(test_kernel.read_bytes()[:3000])  # the header promises more
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(40 << 20)
+    cases = [
+        (["-kernel", str(tmp_path / "missing")], "missing: no such kernel file"),
+        (["-kernel", str(truncated), "--kernel-boot", "pvh"], "truncated: "),
+        (["-kernel", str(guest("hello", "elf"))], "without a PVH entry note"),
+        (["-kernel", str(test_kernel), "-initrd", str(big), "-m", "32M"],
+         "big.img: initrd of 41943040 bytes does not fit in RAM"),
+        (["-kernel", str(test_kernel), "--kernel-boot", "bzimage", "-append", "x" * 3000],
+         "kernel command line is 3"),
+        (["-kernel", str(test_kernel.with_name("vmlinux")), "--kernel-boot", "bzimage"],
+         "an ELF kernel boots only through PVH"),
+    ]
+    for extra, message in cases:
+        done = subprocess.run([sys.executable, "-m", "leanvm", "run", *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (extra, done.stderr)
+        assert done.stderr.count("\n") == 1 and message in done.stderr, (extra, done.stderr)
