@@ -60,6 +60,7 @@ def test_test_kernel_header(test_kernel: Path) -> None:
     (lambda d: d[:0x206] + b"\x01\x01" + d[0x208:], "boot protocol 1.01 is too old"),
     (lambda d: d[:0x1FE] + b"\0\0" + d[0x200:], "boot flag at 0x1fe"),
     (lambda d: d[:1024], "truncated: 1024 bytes, but the setup code alone is 1024 bytes"),
+    (lambda d: d[:-32], r"truncated: \d+ bytes, but the setup header says \d+ \(setup and "),
 ])
 def test_malformed_headers_are_named(mutate, message: str) -> None:
     with pytest.raises(ImageError, match=message):

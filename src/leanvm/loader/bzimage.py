@@ -40,6 +40,7 @@ class SetupHeader(NamedTuple):
     payload_offset: int  # protocol >= 2.08: the compressed kernel, from the kernel's start
     payload_length: int
     version: str  # the kernel's version string, "" if it has none
+    syssize: int = 0  # protocol >= 2.04: the protected-mode code's size in 16-byte units
 
     @property
     def setup_size(self) -> int:
@@ -98,10 +99,14 @@ def parse_setup_header(data: bytes, path: str, file_size: int | None = None) -> 
         payload_offset=u32(0x248) if protocol >= 0x208 else 0,
         payload_length=u32(0x24C) if protocol >= 0x208 else 0,
         version=_version_string(data, struct.unpack_from("<H", data, 0x20E)[0]),
+        syssize=u32(0x1F4) if protocol >= 0x204 else 0,
     )
     if file_size <= header.setup_size:
         raise ImageError(f"{path}: truncated: {file_size} bytes, but the setup code alone is "
                          f"{header.setup_size} bytes")
+    if file_size < header.setup_size + header.syssize * 16 - 15:
+        raise ImageError(f"{path}: truncated: {file_size} bytes, but the setup header says "
+                         f"{header.setup_size + header.syssize * 16} (setup and syssize)")
     return header
 
 
