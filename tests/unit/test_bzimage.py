@@ -30,6 +30,7 @@ def make_bzimage(protocol: int = 0x20F, setup_sects: int = 1, loadflags: int = 1
     struct.pack_into("<I", setup, 0x22C, initrd_max)
     struct.pack_into("<H", setup, 0x236, xloadflags)
     struct.pack_into("<I", setup, 0x238, cmdline_size)
+    struct.pack_into("<I", setup, 0x1F4, -(-len(kernel) // 16))  # syssize, 16-byte units
     return bytes(setup) + kernel
 
 
