@@ -146,7 +146,7 @@ def test_no_zero_copy_copies(test_kernel: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["pvh", "bzimage"])
 def test_a_kernel_panic_stops_the_vm_with_its_reason(test_kernel: Path, mode: str) -> None:
-    with Machine(memory="64M", kernel=test_kernel, cmdline="please panic", kernel_boot=mode) as vm:
+    with Machine(memory="64M", kernel=test_kernel, cmdline="panic=5 leanvm.panic", kernel_boot=mode) as vm:
         result = vm.run(timeout=30)
     assert result.reason is StopReason.GUEST_PANIC, (result.detail, vm.console[-200:])
     assert result.detail == ("the guest kernel panicked: Kernel panic - not syncing: leanvm "

@@ -21,20 +21,23 @@ static u32 fnv1a(const u8 *p, u32 n)
 
 static u64 rd64(const u8 *p) { return *(const u64 *)p; }
 
-/* "panic" on the command line: print Linux's panic line, then spin as a panicked kernel
- * does (the VMM is expected to notice and stop). */
+/* "leanvm.panic" on the command line: print Linux's panic line, then spin as a panicked
+ * kernel does (the VMM is expected to notice and stop). */
 static void maybe_panic(const char *cmdline)
 {
-    for (const char *p = cmdline; p && *p; p++)
-        if (p[0] == 'p' && p[1] == 'a' && p[2] == 'n' && p[3] == 'i' && p[4] == 'c') {
+    static const char word[] = "leanvm.panic";
+    for (const char *p = cmdline; p && *p; p++) {
+        unsigned i = 0;
+        while (word[i] && p[i] == word[i])
+            i++;
+        if (!word[i]) {
             puts("\nKernel panic - not syncing: leanvm test kernel asked to panic\n");
             for (;;)
                 __asm__ volatile("pause");
         }
+    }
 }
 
-/* PVH: struct hvm_start_info (magic, version, flags, nr_modules, modlist, cmdline, rsdp,
- * memmap, memmap_entries); module 0 is the initrd. */
 static int pvh_main(const u8 *si)
 {
     puts("leanvm-test-kernel: entry pvh start_info=");
