@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import sys
 import threading
 import time
 from typing import NamedTuple
@@ -21,7 +19,7 @@ from leanvm.devices.bus import Bus
 from leanvm.errors import ConfigError, GuestError, ImageError, LeanvmError
 from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ram,
                                     setup_kvm_private)
-from leanvm.machine.config import MachineConfig, SerialConfig
+from leanvm.machine.config import MachineConfig
 from leanvm.machine.plan import plan_for
 from leanvm.machine.timing import process_start_ns
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
@@ -33,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     import re
-    from typing import Any, BinaryIO
+    from typing import Any
 
     from leanvm.devices.bus import BusDevice
     from leanvm.kvm.vcpu import Vcpu
@@ -51,10 +49,6 @@ if TYPE_CHECKING:
 
     from leanvm.memory.residency import Residency
 
-CONSOLE_KEEP = 1 << 20  # bytes of serial output kept in memory for Machine.console
-PANIC_LINE = b"Kernel panic - not syncing"  # Linux's panic() message
-PANIC_WINDOW = 4096  # bytes of recent console output searched for it
-NO_BOOT_DEVICE_LINE = b"No bootable device."  # SeaBIOS, before it waits 60 s to retry
 KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
 
 
@@ -123,30 +117,20 @@ class Machine:
         self.config = config
         self.state = RunState.CREATED
         self.process_start_ns = process_start_ns()
-        self._console = bytearray()
-        self._debug_console = bytearray()
-        self._debug_line = bytearray()
-        self._debug_stream: BinaryIO | None = None
         self._control = LoopControl()
         if config.smp > 1:  # several vCPUs: a stop reaches every vCPU's loop (vcpus.py)
             from leanvm.machine.vcpus import GroupControl
 
             self._control = GroupControl()
         self._closables: list[Any] = []
-        self._output: BinaryIO | None = None
         self._extra_mappings: list[HostMapping] = []
         self.result: RunResult | None = None
         self.fallback: "Fallback | None" = None  # built with the machine when it is on
         self.cpu_profile: str | None = None  # "host" or "emulated", once built
         self._host_finding: "HostFinding | None" = None
         self._vcpu_thread: int | None = None
-        self._restore_tty: "Callable[[], None] | None" = None
-        self._until: bytes | None = None
-        self._watch_panic = config.kernel is not None  # Linux guests: stop at a kernel panic
         self._thread: threading.Thread | None = None
         self._background_error: BaseException | None = None
-        self._console_changed = threading.Condition()
-        self._console_watchers = 0
         self.tracer = Tracer(config.trace, origin=self.process_start_ns)
         self._boot_trace: "BootTrace | None" = None
         if config.trace:
@@ -155,6 +139,10 @@ class Machine:
             self._boot_trace = BootTrace(self.tracer, dict(config.probe_names))
             self.tracer.instant("vmm", "process start", ts=self.process_start_ns)
             self.tracer.instant("vmm", "configuration parsed")
+        from leanvm.machine.console import GuestConsoles
+
+        self.consoles = GuestConsoles(config, lambda stop: self._control.request(stop),
+                                      self._boot_trace)
 
     # --- building --------------------------------------------------------------------
     def build(self) -> "Machine":
@@ -189,8 +177,9 @@ class Machine:
         if self.tracer.enabled:
             self.tracer.instant("vmm", "memory ready")
 
-        self.platform: Platform = build_platform(self.plan, self.memory, self._serial_output,
-                                                 self._debug_output, self.vm.irq_line,
+        self.platform: Platform = build_platform(self.plan, self.memory,
+                                                 self.consoles.serial_output,
+                                                 self.consoles.debug_output, self.vm.irq_line,
                                                  self._on_reset, self._on_guest_exit,
                                                  on_poweroff=self._on_poweroff, cpus=config.smp)
         self.flash_banks: list = []
@@ -419,10 +408,10 @@ class Machine:
         """Run the vCPU on this thread until the guest stops the VM, ``timeout`` seconds pass,
         or (with ``until``) the serial output contains that text."""
         self.build()
-        self._until = until.encode() if isinstance(until, str) else until
+        self.consoles.until = until.encode() if isinstance(until, str) else until
         if self.state is not RunState.READY:
             raise LeanvmError(f"machine cannot run from state {self.state.value}")
-        self._open_serial()
+        self.consoles.open(self.platform.serial)
         _install_kick_handler()
         self._vcpu_thread = threading.get_ident()
         timer = self._arm_timeout(timeout) if timeout else None
@@ -445,7 +434,7 @@ class Machine:
             stopped = time.monotonic_ns()
             if timer is not None:
                 timer.cancel()
-            self._close_serial()
+            self.consoles.close()
             self.state = RunState.STOPPED
         if self.tracer.enabled:
             self._trace_run(first_entry, stopped, stop)
@@ -487,7 +476,7 @@ class Machine:
     @property
     def console(self) -> bytes:
         """The serial output so far (the last 1 MiB)."""
-        return bytes(self._console)
+        return self.consoles.serial
 
     def send_input(self, data: bytes) -> None:
         """Bytes for the guest's COM1 receiver."""
@@ -549,8 +538,7 @@ class Machine:
         except BaseException as exc:  # handed to wait()
             self._background_error = exc
         finally:
-            with self._console_changed:
-                self._console_changed.notify_all()
+            self.consoles.wake()
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for a started machine to stop; its RunResult."""
@@ -576,26 +564,17 @@ class Machine:
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
         if self._thread is None:
             self.start()
-        deadline = time.monotonic() + timeout
-        self._console_watchers += 1
-        try:
-            with self._console_changed:
-                while True:
-                    match = regex.search(bytes(self._console))
-                    if match is not None:
-                        return match
-                    if self._thread is not None and not self._thread.is_alive():
-                        result = self.result
-                        why = f"{result.reason.value}: {result.detail}" if result else "it failed"
-                        raise GuestError(f"the guest stopped ({why}) before its console showed "
-                                         f"{regex.pattern!r}")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise LeanvmError(f"the console did not show {regex.pattern!r} within "
-                                          f"{timeout:g} s")
-                    self._console_changed.wait(min(remaining, 0.05))
-        finally:
-            self._console_watchers -= 1
+        thread = self._thread
+        assert thread is not None
+        match = self.consoles.wait_for(regex, timeout, thread.is_alive)
+        if match is not None:
+            return match
+        if not thread.is_alive():
+            result = self.result
+            why = f"{result.reason.value}: {result.detail}" if result else "it failed"
+            raise GuestError(f"the guest stopped ({why}) before its console showed "
+                             f"{regex.pattern!r}")
+        raise LeanvmError(f"the console did not show {regex.pattern!r} within {timeout:g} s")
 
     # --- device callbacks (run on the vCPU thread) -------------------------------------
     def _on_reset(self) -> None:
@@ -608,108 +587,10 @@ class Machine:
         self._control.request(Stop(StopReason.GUEST_EXIT,
                                    f"the guest exited with status {status}", status))
 
-    def _debug_output(self, data: bytes) -> None:
-        if self._boot_trace is not None:
-            self._boot_trace.debugcon(data)
-        if self._debug_stream is not None:
-            self._debug_stream.write(data)
-        if data == b"\n":
-            self._firmware_line()
-        else:
-            self._debug_line += data
-        console = self._debug_console
-        console += data
-        if len(console) > 2 * CONSOLE_KEEP:
-            del console[:-CONSOLE_KEEP]
-
-    def _firmware_line(self) -> None:
-        """Lines of the firmware's debug console that end the VM."""
-        line, self._debug_line = bytes(self._debug_line), bytearray()
-        if line.startswith(NO_BOOT_DEVICE_LINE):
-            self._control.request(Stop(StopReason.NO_BOOT_DEVICE,
-                                       "the firmware found no bootable device "
-                                       f"({line.decode(errors='replace').strip()})"))
-
     @property
     def debug_console(self) -> bytes:
         """What firmware wrote to the debug console (port 0x402), the last 1 MiB."""
-        return bytes(self._debug_console)
-
-    def _serial_output(self, data: bytes) -> None:
-        if self._boot_trace is not None:
-            self._boot_trace.serial(data)
-        console = self._console
-        console += data
-        if self._console_watchers and b"\n" in data:
-            with self._console_changed:
-                self._console_changed.notify_all()
-        if self._watch_panic and b"\n" in data:
-            self._check_panic()
-        until = self._until
-        if until is not None and until in console[-(len(data) + len(until)):]:
-            self._until = None
-            self._control.request(Stop(StopReason.CONSOLE_MATCH,
-                                       f"the serial output showed {until.decode(errors='replace')!r}"))
-        if len(console) > 2 * CONSOLE_KEEP:
-            del console[:-CONSOLE_KEEP]
-        if self._output is not None:
-            self._output.write(data)
-
-    def _check_panic(self) -> None:
-        """A Linux guest that panics stops the VM at once, with the panic's reason (the
-        kernel would otherwise spin or wait for a reboot that tells the host nothing)."""
-        tail = bytes(self._console[-PANIC_WINDOW:])
-        at = tail.rfind(PANIC_LINE)
-        end = tail.find(b"\n", at) if at >= 0 else -1
-        if end < 0:
-            return
-        self._watch_panic = False
-        line = tail[at:end].decode(errors="replace").strip()
-        self._control.request(Stop(StopReason.GUEST_PANIC, f"the guest kernel panicked: {line}"))
-
-    # --- serial wiring -----------------------------------------------------------------
-    def _open_serial(self) -> None:
-        self._debug_stream = _open_sink(self.config.debugcon, "debugcon")
-        self._output = _open_sink(self.config.serial, "serial")
-        if self.config.serial.mode == "stdio":
-            self._start_stdin_reader()
-
-    def _close_serial(self) -> None:
-        if self._debug_stream is not None:
-            self._debug_stream.close()
-            self._debug_stream = None
-        if self._restore_tty is not None:
-            self._restore_tty()
-            self._restore_tty = None
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-
-    def _start_stdin_reader(self) -> None:
-        serial = self.platform.serial
-        try:
-            fd = sys.stdin.fileno()
-        except (AttributeError, OSError, ValueError):
-            return
-        if os.isatty(fd):  # keys go to the guest as typed; Ctrl-C still stops leanvm
-            import termios
-            import tty
-
-            saved = termios.tcgetattr(fd)
-            tty.setcbreak(fd)
-            self._restore_tty = lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-        def pump() -> None:
-            while True:
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:
-                    return
-                if not data:
-                    return
-                serial.receive(data)
-
-        threading.Thread(target=pump, name="leanvm-stdin", daemon=True).start()
+        return self.consoles.debug
 
     # --- stopping from other threads ---------------------------------------------------
     def _arm_timeout(self, timeout: float) -> threading.Timer:
@@ -729,20 +610,6 @@ class Machine:
 
 
 _kick_handler_installed = False
-
-
-def _open_sink(where: "SerialConfig", what: str) -> "BinaryIO | None":
-    """The stream a character device writes to: stdout, a file, or none (memory only)."""
-    if where.mode == "stdio":
-        return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
-    if where.mode == "file":
-        assert where.path is not None
-        try:
-            return open(where.path, "wb", buffering=0)
-        except OSError as exc:
-            raise ConfigError(f"{where.path}: cannot open for {what} output "
-                              f"({exc.strerror})") from None
-    return None
 
 
 def _pam_forwarder(area: object) -> "Callable[[int, int], None]":
