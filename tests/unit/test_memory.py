@@ -177,14 +177,16 @@ def test_process_and_mapping_memory_see_touched_pages(tmp_path) -> None:
     # a file mapping: its VMA never merges with neighbours, so smaps shows it alone
     mapping = map_file(str(image), 8 << 20, writable=True, shared=False)
     try:
-        before = mapping_memory("self", mapping.address, mapping.address + mapping.size)
+        span = [(mapping.address, mapping.address + mapping.size)]
+        before = mapping_memory("self", span)
         whole_before = process_memory()
         view = mapping.view()
         for offset in range(0, 4 << 20, 4096):
             view[offset] = 1  # copy-on-write: a private page each
         view.release()
-        after = mapping_memory("self", mapping.address, mapping.address + mapping.size)
+        after = mapping_memory("self", span)
         assert after.private - before.private == 4 << 20
+        assert after.private_dirty - before.private_dirty == 4 << 20
         assert after.rss >= 4 << 20
         assert process_memory().private - whole_before.private >= 4 << 20
     finally:

@@ -207,18 +207,23 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
 
 
 def _host_memory(machine: object) -> dict[str, int]:
-    """What this VM costs the host at the stop, in bytes: guest memory (resident; private =
-    owned by this VM alone) and the whole process, so the VMM's own overhead is the
-    difference of the private figures."""
-    from leanvm.memory.residency import process_memory
+    """What this VM costs the host at the stop, in bytes. Guest memory: resident, and
+    private = anonymous pages this VM alone owns (pagemap; file pages it maps from the page
+    cache are shared). The VMM's own overhead: written private memory (Private_Dirty) outside
+    guest memory; clean private pages (libraries, page cache only this process maps now) are
+    left out, as another VM would share them."""
+    from leanvm.memory.residency import mapping_memory, process_memory
 
     rows = machine.residency()  # type: ignore[attr-defined]
+    regions = machine.memory.regions  # type: ignore[attr-defined]
+    guest = mapping_memory("self", [(r.mapping.address, r.mapping.address + r.size)
+                                    for r in regions])
     process = process_memory()
-    guest_private = sum(r.private for r in rows)
-    return {"guest_resident": sum(r.resident for r in rows), "guest_private": guest_private,
+    return {"guest_resident": sum(r.resident for r in rows),
+            "guest_private": sum(r.private for r in rows),
             "process_rss": process.rss, "process_pss": process.pss,
             "process_private": process.private,
-            "vmm_private": max(0, process.private - guest_private)}
+            "vmm_private": max(0, process.private_dirty - guest.private_dirty)}
 
 
 def _wait_paused(machine: object, quiet: bool) -> int:

@@ -66,37 +66,48 @@ def measure(regions: Iterable[tuple[str, int, int]], pid: int | str = "self") ->
 
 
 class ProcessMemory(NamedTuple):
-    """A whole process's memory from /proc/<pid>/smaps_rollup, in bytes."""
+    """A whole process's (or some of its mappings') memory from /proc/<pid>/smaps, in bytes."""
 
     rss: int  # resident, shared pages counted in full
     pss: int  # resident, shared pages split among the processes mapping them
     private: int  # resident pages no other process maps (Private_Clean + Private_Dirty)
+    private_dirty: int  # of those, the written ones: what no other VM can ever share
+    # (Private_Clean pages are file pages only this process maps now: page cache, libraries)
+
+
+_FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty")
+
+
+def _figures(totals: dict[str, int]) -> ProcessMemory:
+    return ProcessMemory(totals["Rss"], totals["Pss"],
+                         totals["Private_Clean"] + totals["Private_Dirty"],
+                         totals["Private_Dirty"])
 
 
 def process_memory(pid: int | str = "self") -> ProcessMemory:
-    fields: dict[str, int] = {}
+    totals = dict.fromkeys(_FIELDS, 0)
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
             name, _, rest = line.partition(":")
             parts = rest.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[name] = int(parts[0]) * 1024
-    return ProcessMemory(fields.get("Rss", 0), fields.get("Pss", 0),
-                         fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
+            if name in totals and len(parts) == 2 and parts[1] == "kB":
+                totals[name] = int(parts[0]) * 1024
+    return _figures(totals)
 
 
-def mapping_memory(pid: int | str, start: int, end: int) -> ProcessMemory:
-    """The same figures for the mappings of /proc/<pid>/smaps that lie in [start, end) (a
-    peer VMM's guest RAM, found by its address range)."""
-    totals = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
+def mapping_memory(pid: int | str, ranges: Iterable[tuple[int, int]]) -> ProcessMemory:
+    """The same figures for the mappings of /proc/<pid>/smaps that overlap any of the
+    [start, end) ranges (a VMM's guest RAM: a mapping the kernel merged with a neighbour
+    counts whole)."""
+    spans = list(ranges)
+    totals = dict.fromkeys(_FIELDS, 0)
     inside = False
     with open(f"/proc/{pid}/smaps") as smaps:
         for line in smaps:
             head = line.split(maxsplit=1)[0]
             if "-" in head and not head.endswith(":"):
                 low, high = (int(x, 16) for x in head.split("-"))
-                inside = start <= low and high <= end
+                inside = any(low < end and start < high for start, end in spans)
             elif inside and head[:-1] in totals:
                 totals[head[:-1]] += int(line.split()[1]) * 1024
-    return ProcessMemory(totals["Rss"], totals["Pss"],
-                         totals["Private_Clean"] + totals["Private_Dirty"])
+    return _figures(totals)
