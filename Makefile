@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/flash_memory.py
 	$(PY) bench/firmware_boot.py
 	$(PY) bench/trace_overhead.py
+	$(PY) bench/linux_boot.py
 
 # Rebuild the bundled demo guest from tests/guests/programs/demo.c.
 demo-guest: $(STAMP)

@@ -99,3 +99,50 @@ def test_random_maps_and_traffic(ranges: list[tuple[int, int]], traffic: list[tu
             assert bus.unclaimed_reads == before + 1
         assert 0 <= result < (1 << (8 * size)) if size <= 8 else result == 0
         bus.write(address, size, value)
+
+
+def test_remembered_accesses_follow_the_ranges_as_they_change() -> None:
+    bus = Bus("pio", 0x10000)
+    first, second = Recorder(), Recorder()
+    bus.register(0x80, 4, first, "first")
+    bus.write(0x81, 1, 0x1FF)
+    bus.write(0x81, 1, 0x2)  # the second time from the remembered look-up
+    assert bus.read(0x82, 2) == 0x7788
+    assert first.log == [("w", 1, 1, 0xFF), ("w", 1, 1, 0x2), ("r", 2, 2)]
+    bus.unregister(0x80)
+    bus.write(0x81, 1, 3)
+    assert bus.read(0x82, 2) == 0xFFFF
+    assert (bus.unclaimed_writes, bus.unclaimed_reads) == (1, 1)
+    bus.register(0x7F, 8, second, "second")
+    bus.write(0x81, 1, 4)
+    assert bus.read(0x82, 2) == 0x7788
+    assert second.log == [("w", 2, 1, 4), ("r", 3, 2)] and len(first.log) == 3
+    assert bus.accesses == 7
+
+
+@given(st.lists(st.tuples(st.integers(0, 0x3FFF), st.sampled_from([1, 2, 4, 8, 3])),
+                max_size=300))
+def test_remembered_and_fresh_look_ups_agree(accesses: list[tuple[int, int]]) -> None:
+    cached, fresh = Bus("mmio", 0x4000), Bus("mmio", 0x4000)
+    logs = []
+    for bus in (cached, fresh):
+        log = Recorder()
+        logs.append(log)
+        bus.register(0x100, 0x800, log, "a")
+        bus.register(0x1000, 0x10, log, "b")
+    for address, size in accesses:
+        cached.write(address, size, address)
+        fresh.write(address, size, address)
+        assert cached.read(address, size) == fresh.read(address, size)
+        fresh._reads.clear()  # the reference bus never remembers
+        fresh._writes.clear()
+    assert logs[0].log == logs[1].log
+    assert cached.unclaimed == fresh.unclaimed
+
+
+def test_a_guest_walking_addresses_cannot_grow_the_memory_of_look_ups() -> None:
+    bus = Bus("mmio", 1 << 32)
+    bus.register(0, 1 << 30, Recorder(), "ram-like")
+    for address in range(0, 20_000 * 8, 8):
+        bus.read(address, 8)
+    assert len(bus._reads) <= 4096

@@ -15,6 +15,7 @@ from leanvm.errors import DeviceError
 
 ACCESS_SIZES = (1, 2, 4, 8)
 ALL_ONES = {size: (1 << (8 * size)) - 1 for size in ACCESS_SIZES}
+_CACHE_LIMIT = 4096
 
 
 from typing import TYPE_CHECKING
@@ -52,6 +53,11 @@ class Bus:
         self.unclaimed_writes = 0
         self.unclaimed: Counter[int] = Counter()  # address -> count of unclaimed accesses
         self.accesses = 0
+        # (address << 4 | size) -> (bound device method, base, mask) for accesses seen before:
+        # one dict look-up instead of a bisect per exit. Cleared when the ranges change, and
+        # when full (a guest walking MMIO addresses cannot grow it without bound).
+        self._reads: dict[int, tuple] = {}
+        self._writes: dict[int, tuple] = {}
 
     @property
     def mappings(self) -> tuple[Mapping, ...]:
@@ -68,12 +74,16 @@ class Bus:
         index = bisect.bisect(self._bases, base)
         self._maps.insert(index, Mapping(name, base, size, device))
         self._bases.insert(index, base)
+        self._reads.clear()
+        self._writes.clear()
 
     def unregister(self, base: int) -> None:
         index = bisect.bisect_left(self._bases, base)
         if index == len(self._bases) or self._bases[index] != base:
             raise DeviceError(f"no {self.kind} device registered at {base:#x}")
         del self._maps[index], self._bases[index]
+        self._reads.clear()
+        self._writes.clear()
 
     def lookup(self, address: int, size: int = 1) -> Mapping | None:
         """The mapping that wholly holds ``[address, address + size)``."""
@@ -86,20 +96,37 @@ class Bus:
 
     def read(self, address: int, size: int) -> int:
         self.accesses += 1
-        found = self.lookup(address, size)
-        mask = ALL_ONES.get(size)
-        if found is None or mask is None:
+        hit = self._reads.get(address << 4 | size)
+        if hit is not None:
+            return hit[0](address - hit[1], size) & hit[2]
+        found = self._resolve(self._reads, address, size, read=True)
+        if found is None:
             self.unclaimed_reads += 1
             self.unclaimed[address] += 1
-            return mask or 0
-        return found.device.read(address - found.base, size) & mask
+            return ALL_ONES.get(size, 0)
+        return found.device.read(address - found.base, size) & ALL_ONES[size]
 
     def write(self, address: int, size: int, value: int) -> None:
         self.accesses += 1
-        found = self.lookup(address, size)
-        mask = ALL_ONES.get(size)
-        if found is None or mask is None:
+        hit = self._writes.get(address << 4 | size)
+        if hit is not None:
+            hit[0](address - hit[1], size, value & hit[2])
+            return
+        found = self._resolve(self._writes, address, size, read=False)
+        if found is None:
             self.unclaimed_writes += 1
             self.unclaimed[address] += 1
             return
-        found.device.write(address - found.base, size, value & mask)
+        found.device.write(address - found.base, size, value & ALL_ONES[size])
+
+    def _resolve(self, cache: dict[int, tuple], address: int, size: int,
+                 read: bool) -> Mapping | None:
+        """The device for an access not in ``cache``, remembered there for next time."""
+        mask = ALL_ONES.get(size)
+        found = self.lookup(address, size) if mask is not None else None
+        if found is not None:
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            method = found.device.read if read else found.device.write
+            cache[address << 4 | size] = (method, found.base, mask)
+        return found

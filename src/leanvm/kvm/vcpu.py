@@ -25,6 +25,9 @@ _U = abi.RUN_UNION
 _KVM_RUN = abi.KVM_RUN
 _HLT, _SHUTDOWN = ex.Hlt(), ex.Shutdown()
 _INTERRUPTED = ex.Interrupted()
+# The exit reason and, for KVM_EXIT_IO, its header, in one unpack from RUN_EXIT_REASON (the
+# vCPU loop's fast path for single port writes reads it straight after KVM_RUN).
+EXIT_HEADER = struct.Struct(f"<I{_U - abi.RUN_EXIT_REASON - 4}xBBHIQ")
 
 
 class Vcpu:
@@ -37,6 +40,7 @@ class Vcpu:
         self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._run = memoryview(self.run_page)
+        self.run_view = self._run  # the kvm_run page, for the vCPU loop's fast path
 
     # --- running ---------------------------------------------------------------------
     def run(self) -> ex.Exit:
@@ -44,10 +48,19 @@ class Vcpu:
         try:
             fcntl.ioctl(self.fd, _KVM_RUN, 0)
         except OSError as exc:
-            if exc.errno in (errno.EINTR, errno.EAGAIN):
-                self._run[abi.RUN_IMMEDIATE_EXIT] = 0
-                return _INTERRUPTED
-            raise KvmError("KVM_RUN", exc.errno or 0) from None
+            return self.run_failed(exc)
+        return self.decode()
+
+    def run_failed(self, exc: OSError) -> ex.Exit:
+        """What a KVM_RUN that raised means: a signal or a stop request interrupted it
+        (Interrupted), or KVM refused (KvmError)."""
+        if exc.errno in (errno.EINTR, errno.EAGAIN):
+            self._run[abi.RUN_IMMEDIATE_EXIT] = 0
+            return _INTERRUPTED
+        raise KvmError("KVM_RUN", exc.errno or 0) from None
+
+    def decode(self) -> ex.Exit:
+        """The exit the last KVM_RUN left in the run page."""
         run = self._run
         reason = _U32.unpack_from(run, abi.RUN_EXIT_REASON)[0]
         if reason == abi.KVM_EXIT_IO:
