@@ -7,8 +7,8 @@ bzImage's content hash, and boots the ELF through PVH (loader/pvh.py).
 
 Formats, by their magic bytes: gzip, bzip2, lzma, xz (standard library), zstd (zstandard),
 LZ4 in the legacy frame the kernel uses (lz4: magic 0x184C2102, then blocks each prefixed by
-their compressed size, the last four bytes of the payload being the uncompressed size). LZO
-has no maintained Python library: such kernels are refused with that said.
+their compressed size, the last four bytes of the payload being the uncompressed size), and
+LZO in lzop's container (loader/lzop.py, over the system's liblzo2).
 """
 
 from __future__ import annotations
@@ -85,6 +85,10 @@ def decompress_stream(kind: str, body: "bytes | memoryview", path: str) -> tuple
             return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
         if kind == "lz4":
             return _lz4_legacy(bytes(body), path)
+        if kind == "lzo":
+            from leanvm.loader.lzop import decompress_lzop
+
+            return decompress_lzop(bytes(body), path)
     except ImageError:
         raise
     except Exception as exc:  # each library has its own error types
