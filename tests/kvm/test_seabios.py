@@ -39,3 +39,16 @@ def test_seabios_starts_from_flash_and_finds_fw_cfg() -> None:
     assert "PS2 keyboard initialized" in log and "Timeout at ps2" not in log
     assert result.reason is StopReason.NO_BOOT_DEVICE and result.exit_code == 0
     assert "No bootable device" in result.detail
+
+
+@pytest.mark.slow
+def test_seabios_counts_every_vcpu_and_boots_with_the_aps_parked() -> None:
+    if not SEABIOS.exists():
+        pytest.skip("Debian's seabios package is not installed (make test installs it)")
+    with Machine(memory="64M", bios=SEABIOS, smp=3) as vm:
+        result = vm.run(timeout=120)
+        log = vm.debug_console.decode(errors="replace")
+    # SeaBIOS wakes the APs with INIT-SIPI-SIPI (the in-kernel LAPIC, one host thread each)
+    # and counts them against fw_cfg's CPU count.
+    assert "Found 3 cpu(s) max supported 3 cpu(s)" in log, log[-2000:]
+    assert result.reason is StopReason.NO_BOOT_DEVICE and result.exit_code == 0
