@@ -8,18 +8,9 @@ import pytest
 from leanvm.errors import ConfigError, ImageError
 from leanvm.loader import bare
 from leanvm.loader.image import FLAT_LOAD_ADDRESS, load_image
-from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
-from leanvm.memory.host import map_anonymous
+from leanvm.memory.guest import GuestMemory
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def memory():
-    mem = GuestMemory()
-    mem.add(GuestRegion("ram", 0, map_anonymous(4 * MiB), RegionKind.RAM))
-    yield mem
-    mem.close()
 
 
 def test_flat_binary_loads_at_one_mib(tmp_path: Path, memory: GuestMemory) -> None:

@@ -15,14 +15,6 @@ from leanvm.memory.residency import measure
 MiB, PAGE = 1 << 20, 4096
 
 
-@pytest.fixture
-def memory():
-    mem = GuestMemory()
-    mem.add(GuestRegion("ram", 0, map_anonymous(4 * MiB), RegionKind.RAM))
-    yield mem
-    mem.close()
-
-
 def content(size: int) -> bytes:
     return bytes((i * 7 + i // 4096) & 0xFF for i in range(size))
 
