@@ -94,6 +94,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "trace-event JSON if FILE ends in .json, else JSON lines")
     parser.add_argument("--probes", type=Path, metavar="FILE",
                         help="names for probe ids fired on port 0x404: lines 'ID NAME'")
+    parser.add_argument("--sample-rip", type=float, default=0.0, metavar="HZ",
+                        help="sample vCPU 0's instruction pointer HZ times a second and show "
+                        "where the guest spent its time, by kernel function (with --trace, "
+                        "each sample is on the timeline)")
+    parser.add_argument("--symbols", type=Path, metavar="FILE",
+                        help="the guest kernel's System.map or ELF with symbols, for "
+                        "--sample-rip (default: looked for beside the kernel and in "
+                        "/usr/lib/debug/boot)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
                         help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
@@ -119,7 +127,8 @@ def handle(args: argparse.Namespace) -> int:
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
                            trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
                            smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
-                           initrd_unpack=args.initrd_unpack,
+                           initrd_unpack=args.initrd_unpack, sample_hz=args.sample_rip,
+                           symbols=args.symbols,
                            emulation_fallback=args.emulation_fallback,
                            probe_names=_probe_table(args.probes) if args.probes else (),
                            machine=args.machine,
@@ -130,6 +139,14 @@ def handle(args: argparse.Namespace) -> int:
         from leanvm.errors import ConfigError
 
         raise ConfigError(f"bad --timeout {args.timeout}: expected a positive number of seconds")
+    if args.symbols is not None and not os.access(args.symbols, os.R_OK):
+        from leanvm.errors import ConfigError
+
+        raise ConfigError(f"{args.symbols}: cannot read the symbols file")
+    if args.symbols is not None and not args.sample_rip:
+        from leanvm.errors import ConfigError
+
+        raise ConfigError("--symbols names sampled addresses: give --sample-rip HZ too")
     if args.trace is not None and not os.access(args.trace.parent or Path("."), os.W_OK):
         from leanvm.errors import ConfigError
 
@@ -200,6 +217,10 @@ def _write_stats(path: Path, result: object, machine: object) -> None:
     fallback = getattr(machine, "fallback", None)  # docs/emulation.md
     data["cpu_profile"] = getattr(machine, "cpu_profile", None)
     data["emulation_fallback"] = fallback.to_json() if fallback is not None else None
+    sampler = getattr(machine, "sampler", None)
+    data["rip_samples"] = None if sampler is None else {
+        "hz": sampler.hz, "count": len(sampler.samples), "symbols": sampler.symbol_note,
+        "top": [{"where": where, "samples": count} for where, count in sampler.top(50)]}
     try:
         path.write_text(json.dumps(data, indent=1) + "\n")
     except OSError as exc:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from leanvm.machine.machine import Machine, RunResult
+    from leanvm.machine.sampler import RipSampler
 
 
 def human(size: int, suffix: str = "") -> str:
@@ -48,6 +51,9 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     fallback = getattr(machine, "fallback", None)
     if fallback is not None and fallback.total:  # docs/emulation.md
         console.print(f"  {fallback.summary()}", markup=False)
+    sampler = getattr(machine, "sampler", None)
+    if sampler is not None:
+        _print_samples(console, sampler)
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
     for column in ("region", "guest address", "size", "resident", "private"):
         table.add_column(column, justify="left" if column in ("region", "guest address") else "right")
@@ -62,4 +68,21 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     table.add_row("total", "", human(sum(r.size for r in regions.values())), human(total_resident),
                   human(total_private))
     console.print("  host memory by region:")
+    console.print(table)
+
+
+def _print_samples(console: "Console", sampler: "RipSampler") -> None:
+    from rich.table import Table
+
+    total = len(sampler.samples)
+    console.print(f"  guest RIP samples {total} at {sampler.hz:g} Hz (vCPU 0); "
+                  f"{sampler.symbol_note or 'no samples'}", markup=False)
+    if not total:
+        return
+    table = Table(title=None, box=None, pad_edge=False, show_edge=False)
+    table.add_column("where")
+    table.add_column("samples", justify="right")
+    table.add_column("share", justify="right")
+    for where, count in sampler.top(10):
+        table.add_row(where, str(count), f"{100 * count / total:.1f}%")
     console.print(table)

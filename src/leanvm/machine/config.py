@@ -98,7 +98,8 @@ class MachineConfig:
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
-                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy", "initrd_unpack")
+                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy", "initrd_unpack",
+                 "sample_hz", "symbols")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -112,7 +113,8 @@ class MachineConfig:
                  probe_names: tuple[tuple[int, str], ...] = (),
                  kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
                  emulation_fallback: str = "auto", zero_copy: bool = True,
-                 initrd_unpack: bool = True) -> None:
+                 initrd_unpack: bool = True, sample_hz: float = 0.0,
+                 symbols: Path | str | None = None) -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -173,6 +175,12 @@ class MachineConfig:
         # direct boot: a compressed initramfs is decompressed on the host (cached) so the
         # guest only copies files out of it
         self.initrd_unpack: bool = bool(initrd_unpack)
+        if not isinstance(sample_hz, (int, float)) or not 0 <= sample_hz <= 1000:
+            raise ConfigError(f"bad sampling rate {sample_hz!r}: expected 0 (off) to 1000 Hz")
+        # sample vCPU 0's RIP this many times a second (machine/sampler.py); 0: off
+        self.sample_hz: float = float(sample_hz)
+        # where the guest kernel's symbols are (System.map or ELF); None: looked for
+        self.symbols: Path | None = Path(symbols) if symbols is not None else None
         if self.bios is not None and self.guest is not None:
             raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
         if self.kernel is not None and self.guest is not None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from leanvm.machine.direct_boot import DirectBoot
     from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
+    from leanvm.machine.sampler import RipSampler
     from leanvm.kvm.cpuid import CpuidTable
     from leanvm.machine.fallback import Fallback
     from leanvm.machine.host_check import HostFinding
@@ -126,6 +127,7 @@ class Machine:
         self._extra_mappings: list[HostMapping] = []
         self.result: RunResult | None = None
         self.fallback: "Fallback | None" = None  # built with the machine when it is on
+        self.sampler: "RipSampler | None" = None  # with sample_hz, once run
         self.cpu_profile: str | None = None  # "host" or "emulated", once built
         self._host_finding: "HostFinding | None" = None
         self._vcpu_thread: int | None = None
@@ -416,6 +418,7 @@ class Machine:
         self._vcpu_thread = threading.get_ident()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
+        sampler = self._start_sampler() if self.config.sample_hz else None
         if self.entry_trap is not None or self.fallback is not None:
             self._control.on_emulation_failure = self._on_emulation_failure
         first_entry = time.monotonic_ns()
@@ -434,8 +437,16 @@ class Machine:
             stopped = time.monotonic_ns()
             if timer is not None:
                 timer.cancel()
+            if sampler is not None:
+                sampler.stop()
             self.consoles.close()
             self.state = RunState.STOPPED
+        if sampler is not None:
+            sampler.resolve(self.config.symbols, self.config.kernel)
+            if self.tracer.enabled:
+                from leanvm.machine.sampler import add_to_trace
+
+                add_to_trace(self.tracer, sampler.samples, sampler.symbols)
         if self.tracer.enabled:
             self._trace_run(first_entry, stopped, stop)
         rip = None
@@ -602,11 +613,23 @@ class Machine:
 
     def _kick(self, stop: Stop) -> None:
         self._control.request(stop)
+        self._poke()
+
+    def _poke(self) -> None:
+        """Interrupt vCPU 0's KVM_RUN once (it resumes unless a stop was requested)."""
         if self.state is RunState.RUNNING:
             self.vcpu.request_stop()
             thread = self._vcpu_thread
             if thread is not None and _kick_handler_installed:
                 signal.pthread_kill(thread, KICK_SIGNAL)
+
+    def _start_sampler(self) -> "RipSampler":
+        from leanvm.machine.sampler import RipSampler
+
+        sampler = self.sampler = RipSampler(self.config.sample_hz, self._poke)
+        self._control.on_interrupt = sampler.take
+        sampler.start()
+        return sampler
 
 
 _kick_handler_installed = False

@@ -46,7 +46,7 @@ class Stop(NamedTuple):
 class LoopControl:
     """Shared between the loop and whoever may stop it (devices, timers, other threads)."""
 
-    __slots__ = ("stop", "exits", "on_emulation_failure", "requested_ns")
+    __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
@@ -54,6 +54,8 @@ class LoopControl:
         self.exits = 0
         # Called with the vCPU and the exit; True means it was handled and the vCPU goes on.
         self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
+        # Called with the vCPU when a kick interrupted KVM_RUN without a stop (the sampler).
+        self.on_interrupt: Callable[[Vcpu], None] | None = None
 
     def request(self, stop: Stop) -> None:
         if self.stop is None:
@@ -114,6 +116,9 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
 
 def _other_exit(vcpu: Vcpu, exit_: ex.Exit, control: LoopControl) -> Stop | None:
     if isinstance(exit_, ex.Interrupted):
+        hook = control.on_interrupt
+        if hook is not None:
+            hook(vcpu)
         return control.stop  # a stray signal, with no stop requested, just resumes the guest
     if isinstance(exit_, ex.Hlt):
         return Stop(StopReason.HALT, "the guest halted with nothing to wake it", exit=exit_)

@@ -1,0 +1,139 @@
+"""Where the guest's time goes: vCPU 0's instruction pointer, sampled at a fixed rate.
+
+A host thread wakes ``hz`` times a second and kicks vCPU 0 out of KVM_RUN (immediate_exit
+and the kick signal, as a stop request does, but without asking it to stop). The vCPU
+thread, seeing the interrupted run, reads RIP (one KVM_GET_REGS) and goes on. A guest that
+exits on its own between kicks is sampled at its next exit. Nothing runs per exit, so a VM
+that is not sampled pays nothing; one that is pays one kick and one ioctl per sample.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from leanvm.errors import ConfigError, LeanvmError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from leanvm.kvm.vcpu import Vcpu
+    from leanvm.trace.events import Tracer
+    from leanvm.trace.symbols import Symbols
+
+MAX_HZ = 1000.0
+MAX_SAMPLES = 1_000_000
+
+
+class RipSampler:
+    def __init__(self, hz: float, kick: Callable[[], None]) -> None:
+        if not 0 < hz <= MAX_HZ:
+            raise ConfigError(f"bad sampling rate {hz:g} Hz: expected more than 0 and at most "
+                              f"{MAX_HZ:g}")
+        self.hz = hz
+        self.samples: list[tuple[int, int]] = []  # (CLOCK_MONOTONIC ns, RIP)
+        self.missed = 0  # samples not taken (the limit, or registers unreadable)
+        self.symbols: "Symbols | None" = None  # set by resolve(), after the run
+        self.symbol_note = ""
+        self._kick = kick
+        self._pending = False
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._done.clear()
+        self._thread = threading.Thread(target=self._tick, name="leanvm-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _tick(self) -> None:
+        interval = 1.0 / self.hz
+        while not self._done.wait(interval):
+            self._pending = True
+            self._kick()
+
+    def resolve(self, symbols: "Path | None", kernel: "Path | None") -> None:
+        """Find the symbols to name samples with (kernel_symbols); once, after the run."""
+        if self.samples and not self.symbol_note:
+            self.symbols, self.symbol_note = kernel_symbols(symbols, kernel)
+
+    def top(self, count: int = 10) -> list[tuple[str, int]]:
+        return profile(self.samples, self.symbols, count)
+
+    def take(self, vcpu: "Vcpu") -> None:
+        """On the vCPU thread, after KVM_RUN was interrupted: record RIP if a sample is due."""
+        if not self._pending:
+            return
+        self._pending = False
+        if len(self.samples) >= MAX_SAMPLES:
+            self.missed += 1
+            return
+        try:
+            rip = vcpu.get_regs().rip
+        except LeanvmError:
+            self.missed += 1
+            return
+        self.samples.append((time.monotonic_ns(), rip))
+
+
+def profile(samples: list[tuple[int, int]], symbols: "Symbols | None",
+            top: int = 10) -> list[tuple[str, int]]:
+    """The ``top`` functions (or, without symbols, 4 KiB pages of guest code) by samples."""
+    counts: Counter[str] = Counter()
+    for _, rip in samples:
+        counts[_where(rip, symbols)] += 1
+    return counts.most_common(top)
+
+
+def _where(rip: int, symbols: "Symbols | None") -> str:
+    name = symbols.function(rip) if symbols is not None else None
+    return name if name is not None else f"page {rip & ~0xFFF:#x}"
+
+
+def kernel_symbols(symbols: "Path | None", kernel: "Path | None") -> tuple["Symbols | None", str]:
+    """(the symbols to name sampled addresses with, where they came from or why there are
+    none). ``symbols`` as the user gave it, else looked for beside ``kernel`` and in
+    Debian's places for the version its bzImage header names."""
+    from leanvm.trace.symbols import find_symbols, load_symbols
+
+    path = symbols
+    if path is None and kernel is not None:
+        path = find_symbols(kernel, _bzimage_version(kernel))
+    if path is None:
+        return None, ("no symbols found (give --symbols System.map; Debian's are in the "
+                      "linux-image-*-dbg package)")
+    try:
+        found = load_symbols(path)
+    except LeanvmError as exc:
+        return None, str(exc)
+    return found, f"symbols from {path}"
+
+
+def _bzimage_version(kernel: "Path") -> str | None:
+    from leanvm.loader.bzimage import HEADER_END, parse_setup_header
+
+    try:
+        with open(kernel, "rb") as file:
+            head = file.read(1 << 16)  # the header and its version string
+            size = file.seek(0, 2)
+            if len(head) < HEADER_END:
+                return None
+            header = parse_setup_header(head, str(kernel), size)
+            return header.version or None
+    except (OSError, LeanvmError):
+        return None
+
+
+def add_to_trace(tracer: "Tracer", samples: list[tuple[int, int]],
+                 symbols: "Symbols | None") -> None:
+    """Each sample as an instant on the timeline (category "sample"), named by function."""
+    for ts, rip in samples:
+        tracer.instant("sample", _where(rip, symbols), ts=ts, args={"rip": f"{rip:#x}"})
