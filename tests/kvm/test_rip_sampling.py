@@ -47,3 +47,24 @@ def test_symbols_without_sampling_is_a_usage_error(guest) -> None:
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode != 0 and "give --sample-rip HZ too" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_samples_get_their_own_track_and_stay_out_of_the_phase_table(guest,
+                                                                      tmp_path: Path) -> None:
+    from leanvm.trace.files import TID_SAMPLES, read_trace
+    from leanvm.trace.render import table
+
+    binary = guest("spin")
+    with Machine(memory="16M", guest=binary, args="spin", sample_hz=50, trace=True) as vm:
+        vm.run(timeout=0.5)
+        vm.write_trace(tmp_path / "t.json")
+        origin = vm.tracer.origin
+    data = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    samples = [item for item in data if item.get("cat") == "sample"]
+    assert samples and all(item["tid"] == TID_SAMPLES for item in samples)
+    assert all(item["name"].startswith("page 0x") for item in samples)  # no symbols given
+    assert not [item for item in data if item.get("cat") == "phase"
+                and item["name"].startswith("page 0x")]
+    events, _ = read_trace(tmp_path / "t.json")
+    assert len([e for e in events if e.cat == "sample"]) == len(samples)
+    assert "page 0x" not in table(events, origin) and "page 0x" in table(events, origin, True)

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 
 DEFAULT_LIMIT = 1_000_000
 PHASE_CATEGORIES = ("vmm", "firmware", "probe", "fw_cfg", "guest")  # the timeline's rows
-LINE_CATEGORIES = ("debugcon", "console", "fw_cfg-item")  # details: shown with --all
+# details, shown with --all: lines, fw_cfg items, RIP samples (--sample-rip)
+LINE_CATEGORIES = ("debugcon", "console", "fw_cfg-item", "sample")
 
 
 class Event(NamedTuple):

@@ -22,7 +22,7 @@ from leanvm.errors import ConfigError
 from leanvm.trace.events import LINE_CATEGORIES, Event
 
 PID = 1
-TID_EVENTS, TID_PHASES, TID_LINES = 1, 2, 3
+TID_EVENTS, TID_PHASES, TID_LINES, TID_SAMPLES = 1, 2, 3, 4
 
 
 def write_trace(path: Path, events: list[Event], origin: int, dropped: int = 0) -> None:
@@ -60,9 +60,12 @@ def _chrome(events: list[Event], origin: int, dropped: int) -> str:
          "args": {"name": "boot phases"}},
         {"ph": "M", "name": "thread_name", "pid": PID, "tid": TID_LINES,
          "args": {"name": "console lines"}},
+        {"ph": "M", "name": "thread_name", "pid": PID, "tid": TID_SAMPLES,
+         "args": {"name": "RIP samples"}},
     ]
     for e in events:
-        tid = TID_LINES if e.cat in LINE_CATEGORIES else TID_EVENTS
+        tid = (TID_SAMPLES if e.cat == "sample" else TID_LINES if e.cat in LINE_CATEGORIES
+               else TID_EVENTS)
         item: dict[str, Any] = {"name": e.name, "cat": e.cat, "ts": _us(e.ts - origin),
                                 "pid": PID, "tid": tid, "args": e.args or {}}
         if e.dur:
