@@ -111,10 +111,14 @@ def test_linux_parameters_for_unhidden_features() -> None:
     from leanvm.machine.cpu_profile import linux_parameters, with_parameters
 
     assert linux_parameters("host", ("xsave", "smap")) == ()
-    assert linux_parameters("emulated", ()) == ()
+    assert linux_parameters("emulated", ()) == ("cryptomgr.notests",)
     assert linux_parameters("emulated", ("avx", "smap", "sha", "erms")) == (
-        "noxsave", "clearcpuid=smap,sha_ni")  # ERMS stays: REP MOVSB is cheap to emulate
-    assert linux_parameters("emulated", ("popcnt",)) == ("clearcpuid=popcnt",)
+        "cryptomgr.notests", "noxsave", "clearcpuid=smap,sha_ni")  # ERMS stays: REP MOVSB
+    assert linux_parameters("emulated", ("popcnt",)) == ("cryptomgr.notests",
+                                                         "clearcpuid=popcnt")
+    # a user who wants the self-tests says so, and that wins
+    line, added = with_parameters("cryptomgr.notests=0", linux_parameters("emulated", ()))
+    assert line == "cryptomgr.notests=0" and added == ()
     line, added = with_parameters("console=ttyS0 noxsave", ("noxsave", "clearcpuid=smap"))
     assert line == "console=ttyS0 noxsave clearcpuid=smap" and added == ("clearcpuid=smap",)
     assert with_parameters("", ("noxsave",)) == ("noxsave", ("noxsave",))

@@ -35,8 +35,9 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
         console.print(f"  kernel                  {note}; entry {loaded.entry:#x}", markup=False)
     added = getattr(machine, "cmdline_added", ())
     if added:
-        console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: this "
-                      "host shows these features whatever CPUID says)", markup=False)
+        console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: no "
+                      "crypto self-tests, and features this host shows whatever CPUID says)",
+                      markup=False)
     entry = result.kernel_entry
     if entry is not None:
         console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "

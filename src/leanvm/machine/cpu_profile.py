@@ -76,14 +76,25 @@ XSAVE_FAMILY = frozenset({"xsave", "osxsave", "avx", "avx2", "avx512f", "fma", "
 LINUX_NAMES = {"sha": "sha_ni"}  # our name -> Linux's (/proc/cpuinfo, clearcpuid=)
 
 
+# What the emulated profile asks of Linux whatever the host shows: skip the crypto API's
+# boot-time self-tests. Debian's kernel runs RSA private-key test vectors that take over half
+# an hour of emulated kernel code on such a host (RIP samples: mpihelp_* through the whole
+# gap), while the X.509 certificate load waiting for them times out (-110); with the tests
+# skipped its boot to "Run /init" took 17 min instead of 45-54 (docs/linux.md).
+EMULATED_HOST_PARAMETERS = ("cryptomgr.notests",)
+
+
 def linux_parameters(profile: str, unhidden: Sequence[str]) -> tuple[str, ...]:
-    """Kernel parameters that make Linux itself leave alone what the emulated profile
-    meant to hide but this host's CPUID shows anyway (``unhidden``, from the host check):
-    ``noxsave`` for XSAVE and its family, ``clearcpuid=`` for the rest (Linux 6.x takes
-    feature names). Nothing for the host profile, or when hiding worked."""
-    if profile != "emulated" or not unhidden:
+    """Kernel parameters for the emulated profile: EMULATED_HOST_PARAMETERS, then what
+    makes Linux itself leave alone the features the profile meant to hide but this host's
+    CPUID shows anyway (``unhidden``, from the host check): ``noxsave`` for XSAVE and its
+    family, ``clearcpuid=`` for the rest (Linux 6.x takes feature names). Nothing for the
+    host profile."""
+    if profile != "emulated":
         return ()
-    params = ["noxsave"] if XSAVE_FAMILY & set(unhidden) else []
+    params = list(EMULATED_HOST_PARAMETERS)
+    if XSAVE_FAMILY & set(unhidden):
+        params.append("noxsave")
     rest = [LINUX_NAMES.get(name, name) for name in unhidden
             if name not in XSAVE_FAMILY and name not in EMULATED_KEEP]
     if rest:
