@@ -35,9 +35,13 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
         console.print(f"  kernel                  {note}; entry {loaded.entry:#x}", markup=False)
     added = getattr(machine, "cmdline_added", ())
     if added:
-        console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: no "
-                      "crypto self-tests, and features this host shows whatever CPUID says)",
-                      markup=False)
+        why = []
+        if "cryptomgr.notests" in added:
+            why.append("no crypto self-tests")
+        if any(p == "noxsave" or p.startswith("clearcpuid=") for p in added):
+            why.append("features this host shows whatever CPUID says")
+        console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: "
+                      f"{'; '.join(why)})", markup=False)
     entry = result.kernel_entry
     if entry is not None:
         console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "
