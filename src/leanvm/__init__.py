@@ -15,7 +15,7 @@ Importing this package does no work: names below load their modules on first use
 from __future__ import annotations
 
 
-__version__ = "0.1.0"
+from leanvm.version import __version__
 
 from typing import TYPE_CHECKING
 

@@ -8,7 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "leanvm"
 
 LAYER = {
-    "errors": 0, "abi": 0, "trace.events": 0,
+    "errors": 0, "abi": 0, "trace.events": 0, "fileio": 0, "version": 0,
     "kvm": 1, "memory": 1,
     "devices": 2, "loader": 2, "firmware": 2, "dump": 2, "layout": 2, "trace": 2,
     "machine": 3,

@@ -31,8 +31,9 @@ class FakeRegs:
 
 
 class FakeVcpu:
-    def __init__(self, rips: list[int]) -> None:
+    def __init__(self, rips: list[int], index: int = 0) -> None:
         self.rips = rips
+        self.id = index
 
     def get_regs(self) -> FakeRegs:
         if not self.rips:
@@ -119,13 +120,32 @@ def test_the_sampler_takes_one_sample_per_kick() -> None:
 
 def test_unreadable_registers_and_the_limit_count_as_missed(monkeypatch) -> None:
     sampler = RipSampler(10, lambda: None)
-    sampler._pending = True
+    sampler._pending = {0}
     sampler.take(FakeVcpu([]))
     monkeypatch.setattr(sampler_module, "MAX_SAMPLES", 1)
     for rip in (0x10, 0x20):
-        sampler._pending = True
+        sampler._pending = {0}
         sampler.take(FakeVcpu([rip]))
     assert [rip for _, rip in sampler.samples] == [0x10] and sampler.missed == 2
+
+
+def test_every_vcpu_is_sampled_once_per_kick_and_samples_name_their_vcpu() -> None:
+    kicks = threading.Semaphore(0)
+    sampler = RipSampler(200, kicks.release, vcpus=3)
+    vcpus = [FakeVcpu([0x1000 * (i + 1)] * 4, i) for i in range(3)]
+    sampler.start()
+    try:
+        for _ in range(2):
+            assert kicks.acquire(timeout=5)
+            for vcpu in reversed(vcpus):
+                sampler.take(vcpu)
+                sampler.take(vcpu)  # twice: still one sample per vCPU and kick
+    finally:
+        sampler.stop()
+    assert len(sampler.samples) == len(sampler.sample_vcpus) == 6
+    assert sorted(sampler.sample_vcpus) == [0, 0, 1, 1, 2, 2]
+    for (_, rip), index in zip(sampler.samples, sampler.sample_vcpus):
+        assert rip == 0x1000 * (index + 1)
 
 
 @pytest.mark.parametrize("hz", [0, -1, 1001])

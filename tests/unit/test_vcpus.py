@@ -7,33 +7,50 @@ import signal
 import threading
 
 from leanvm.devices.bus import Bus
-from leanvm.machine.vcpu_loop import Stop, StopReason
+from leanvm.machine.vcpu_loop import KICK_SIGNAL, Stop, StopReason
 from leanvm.machine.vcpus import GroupControl, LockedBus, MemberControl
 
 
 class FakeVcpu:
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.id = index
         self.stops = 0
+        self.bound: list[int] = []  # signals bound (and not yet unbound)
 
     def request_stop(self) -> None:
         self.stops += 1
+
+    def bind_kick_signal(self, signum: int):  # type: ignore[no-untyped-def]
+        self.bound.append(signum)
+        return lambda: self.bound.remove(signum)
 
 
 def group_of(count: int) -> tuple[GroupControl, list[MemberControl], list[FakeVcpu]]:
     group = GroupControl()
     members = [MemberControl(group, index) for index in range(1, count)]
-    vcpus = [FakeVcpu() for _ in range(count)]
-    group.attach(vcpus, members, None)  # type: ignore[arg-type]
+    vcpus = [FakeVcpu(index) for index in range(count)]
+    group.attach(members)
     return group, members, vcpus
 
 
-def test_a_stop_from_a_device_reaches_every_member_and_kicks_every_vcpu() -> None:
+def test_a_stop_from_a_device_reaches_every_member_and_kicks_every_running_vcpu(
+        monkeypatch) -> None:
     group, members, vcpus = group_of(3)
-    group.request(Stop(StopReason.RESET, "reset"))
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(signal, "pthread_kill", lambda t, s: sent.append((t, s)))
+    for vcpu, control in zip(vcpus, [group, *members]):
+        control.enter(vcpu)  # every loop registers with the group, on this thread here
+    assert [v.bound for v in vcpus] == [[KICK_SIGNAL]] * 3
+    members[0].request(Stop(StopReason.RESET, "reset"))
     assert all(m.stop is group.stop for m in members) and group.stop.reason is StopReason.RESET
-    assert [v.stops for v in vcpus] == [1, 1, 1]
+    assert [v.stops for v in vcpus] == [1, 1, 1] and len(sent) == 3
     group.request(Stop(StopReason.TIMEOUT, "late"))  # the first stop wins; no second kick
     assert group.stop.reason is StopReason.RESET and [v.stops for v in vcpus] == [1, 1, 1]
+    for vcpu, control in zip(vcpus, [group, *members]):
+        control.leave(vcpu)
+    assert [v.bound for v in vcpus] == [[], [], []]
+    group.kick()  # nothing runs any more: nobody is signalled
+    assert len(sent) == 3
 
 
 def test_an_ap_loop_stop_names_its_vcpu() -> None:
@@ -43,39 +60,37 @@ def test_an_ap_loop_stop_names_its_vcpu() -> None:
     assert members[0].stop is group.stop
 
 
-def test_the_stopping_thread_is_recorded_and_others_are_signalled() -> None:
+def test_the_stopping_thread_is_recorded_and_every_running_thread_is_signalled(
+        monkeypatch) -> None:
     group, members, vcpus = group_of(2)
     sent: list[tuple[int, int]] = []
-    original = signal.pthread_kill
-    signal.pthread_kill = lambda thread, signum: sent.append((thread, signum))  # type: ignore[assignment]
-    try:
-        group._kick_signal = signal.SIGUSR1
-        group.enter(0)
-        ready, done = threading.Event(), threading.Event()
+    monkeypatch.setattr(signal, "pthread_kill", lambda t, s: sent.append((t, s)))
+    group.enter(vcpus[0])
+    ready, done = threading.Event(), threading.Event()
 
-        def ap() -> None:
-            group.enter(1)
-            ready.set()
-            done.wait(5)
-            group.leave(1)
+    def ap() -> None:
+        members[0].enter(vcpus[1])
+        ready.set()
+        done.wait(5)
+        members[0].leave(vcpus[1])
 
-        thread = threading.Thread(target=ap)
-        thread.start()
-        ready.wait(5)
-        group.request(Stop(StopReason.GUEST_EXIT, "exit", 0))  # from vCPU 0's thread
-        done.set()
-        thread.join()
-    finally:
-        signal.pthread_kill = original  # type: ignore[assignment]
+    thread = threading.Thread(target=ap)
+    thread.start()
+    ready.wait(5)
+    group.request(Stop(StopReason.GUEST_EXIT, "exit", 0))  # from vCPU 0's thread
+    done.set()
+    thread.join()
+    group.leave(vcpus[0])
     assert group.stopped_by == 0
-    assert sent == [(thread.ident, signal.SIGUSR1)]  # not itself, only the running AP
+    assert sorted(sent) == sorted([(threading.get_ident(), KICK_SIGNAL),
+                                   (thread.ident, KICK_SIGNAL)])
 
 
 def test_a_stop_requested_before_attach_reaches_members() -> None:
     group = GroupControl()
     group.request(Stop(StopReason.TIMEOUT, "early"))
     members = [MemberControl(group, 1)]
-    group.attach([FakeVcpu(), FakeVcpu()], members, None)  # type: ignore[list-item]
+    group.attach(members)
     assert members[0].stop is group.stop
 
 

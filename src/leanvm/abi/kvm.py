@@ -181,6 +181,22 @@ class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class kvm_signal_mask(ctypes.Structure):
+    """struct kvm_signal_mask { __u32 len; __u8 sigset[0]; }; (the kernel's sigset_t, 8
+    bytes on x86-64, follows: bit N-1 stands for signal N)."""
+
+    _fields_ = [("len", u32)]
+
+
+class kvm_signal_mask_64(ctypes.Structure):
+    """kvm_signal_mask with its 8-byte sigset, as KVM_SET_SIGNAL_MASK takes it."""
+
+    _pack_ = 4
+    _fields_ = [("len", u32), ("sigset", ctypes.c_uint64)]
+
+
+KVM_SIGSET_BYTES = 8  # sizeof(kernel sigset_t) on x86-64
+
 KVM_PIT_SPEAKER_DUMMY = 1  # speaker port 0x61 handled as a dummy in the kernel
 
 
@@ -319,6 +335,7 @@ KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_GET_MSRS = _iowr(0x88, kvm_msrs)
 KVM_SET_MSRS = _iow(0x89, kvm_msrs)
 KVM_GET_FPU = _ior(0x8C, kvm_fpu)
+KVM_SET_SIGNAL_MASK = _iow(0x8B, kvm_signal_mask)  # the mask while this vCPU is in KVM_RUN
 KVM_SET_FPU = _iow(0x8D, kvm_fpu)
 KVM_GET_XSAVE = _ior(0xA4, kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, kvm_xsave)

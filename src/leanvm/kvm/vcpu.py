@@ -6,8 +6,9 @@ import errno
 import fcntl
 import mmap
 import os
+import signal
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from leanvm.abi import kvm as abi
 from leanvm.errors import KvmError
@@ -41,6 +42,7 @@ class Vcpu:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._run = memoryview(self.run_page)
         self.run_view = self._run  # the kvm_run page, for the vCPU loop's fast path
+        self._kick_signal: int | None = None  # see bind_kick_signal
 
     # --- running ---------------------------------------------------------------------
     def run(self) -> ex.Exit:
@@ -56,6 +58,8 @@ class Vcpu:
         (Interrupted), or KVM refused (KvmError)."""
         if exc.errno in (errno.EINTR, errno.EAGAIN):
             self._run[abi.RUN_IMMEDIATE_EXIT] = 0
+            if self._kick_signal is not None:  # consume a kick, or every run would end at once
+                signal.sigtimedwait((self._kick_signal,), 0)
             return _INTERRUPTED
         raise KvmError("KVM_RUN", exc.errno or 0) from None
 
@@ -103,6 +107,34 @@ class Vcpu:
         """Hand the bytes of an MMIO read back to the guest (applied on the next run())."""
         off = _U + 8
         self._run[off:off + 8] = data[:8].ljust(8, b"\x00")
+
+    def bind_kick_signal(self, signum: int) -> Callable[[], None]:
+        """Let ``signum``, sent to the calling thread, interrupt this vCPU's KVM_RUN, whatever
+        the signal's disposition and whichever thread this is. The thread blocks ``signum``;
+        KVM unblocks it only while the guest runs (KVM_SET_SIGNAL_MASK), so a kick makes
+        KVM_RUN return EINTR and then stays pending, blocked, until run_failed consumes it:
+        no handler ever runs, and a kick sent just before KVM_RUN still interrupts it.
+        Returns the function that undoes this (call it on the same thread, once no more
+        kicks can be sent)."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+        self.set_signal_mask(set(old) - {signum})
+        self._kick_signal = signum
+
+        def unbind() -> None:
+            self._kick_signal = None
+            while signal.sigtimedwait((signum,), 0) is not None:
+                pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+        return unbind
+
+    def set_signal_mask(self, blocked: "set[int] | set[signal.Signals]") -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is in KVM_RUN."""
+        bits = 0
+        for signum in blocked:
+            bits |= 1 << (int(signum) - 1)
+        mask = abi.kvm_signal_mask_64(abi.KVM_SIGSET_BYTES, bits)
+        ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, "KVM_SET_SIGNAL_MASK", mask)
 
     def request_stop(self) -> None:
         """Make the current or next KVM_RUN return at once (safe from another thread)."""

@@ -102,6 +102,16 @@ def linux_parameters(profile: str, unhidden: Sequence[str]) -> tuple[str, ...]:
     return tuple(params)
 
 
+def reasons_for(added: Sequence[str]) -> list[str]:
+    """Why the emulated profile added each kind of parameter in ``added``, for people."""
+    why = []
+    if any(p in EMULATED_HOST_PARAMETERS for p in added):
+        why.append("no crypto self-tests")
+    if any(p == "noxsave" or p.startswith("clearcpuid=") for p in added):
+        why.append("features this host shows whatever CPUID says")
+    return why
+
+
 def with_parameters(cmdline: str, params: Sequence[str]) -> tuple[str, tuple[str, ...]]:
     """(``cmdline`` with the ``params`` it does not already set, the ones added). A
     parameter the user gave (same name before "=") wins."""

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import threading
 import time
+import weakref
 from typing import NamedTuple
 from enum import Enum
 from pathlib import Path
@@ -22,7 +23,7 @@ from leanvm.machine.builder import (Memslots, Platform, build_platform, build_ra
 from leanvm.machine.config import MachineConfig
 from leanvm.machine.plan import plan_for
 from leanvm.machine.timing import process_start_ns
-from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
+from leanvm.machine.vcpu_loop import KICK_SIGNAL, LoopControl, Stop, StopReason, run_loop
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import HostMapping
 from leanvm.trace.events import Tracer
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from leanvm.devices.fw_cfg import Transfer
     from leanvm.machine.entry_trap import EntryTrap, KernelEntry
     from leanvm.machine.sampler import RipSampler
+    from leanvm.machine.stats import StatsSource
     from leanvm.kvm.cpuid import CpuidTable
     from leanvm.machine.fallback import Fallback
     from leanvm.machine.host_check import HostFinding
@@ -50,12 +52,14 @@ if TYPE_CHECKING:
 
     from leanvm.memory.residency import Residency
 
-KICK_SIGNAL = signal.SIGUSR1  # interrupts KVM_RUN when the host wants the vCPU back
 
 
 def demo_guest_path() -> Path:
     """The bundled demo guest (prints a greeting, then resets)."""
     return Path(__file__).resolve().parent.parent / "data" / "demo.bin"
+
+
+EXIT_STATUS_TOO_LARGE = 4  # the guest's exit status does not fit a process exit code
 
 
 class RunState(Enum):
@@ -76,6 +80,29 @@ class RunResult(NamedTuple):
     first_entry_ns: int  # just before the first KVM_RUN
     stopped_ns: int
     kernel_entry: "KernelEntry | None" = None  # firmware boots: when it entered the kernel
+    source: "StatsSource | None" = None  # the rest of stats(), from the machine
+
+    def stats(self) -> "dict[str, Any]":
+        """Every figure of the run as plain data, the same as `leanvm run --stats-json`
+        writes (docs/stats.md: fields, units, ``schema``). Host memory is measured when
+        first asked, so ask before closing the machine: afterwards those fields are None."""
+        from leanvm.machine.stats import SCHEMA
+
+        entry = self.kernel_entry
+        data: "dict[str, Any]" = {
+            "schema": SCHEMA, "reason": self.reason.value, "detail": self.detail,
+            "status": self.status, "exit_code": self.exit_code, "exits": self.exits,
+            "rip": self.rip, "process_start_ns": self.process_start_ns,
+            "first_entry_ns": self.first_entry_ns, "stopped_ns": self.stopped_ns,
+            "to_first_instruction_ms": self.to_first_instruction_ms,
+            "to_stop_ms": self.to_stop_ms,
+            "kernel_entry": None if entry is None else {
+                "address": entry.address, "cs": entry.cs, "rip": entry.rip,
+                "time_ns": entry.time_ns},
+        }
+        if self.source is not None:
+            data.update(self.source.get())
+        return data
 
     @property
     def to_kernel_entry_ms(self) -> float | None:
@@ -99,11 +126,12 @@ class RunResult(NamedTuple):
                            StopReason.POWEROFF):
             return 0
         if self.reason is StopReason.GUEST_EXIT:
-            return (self.status or 0) & 0xFF
+            status = self.status or 0
+            return status if 0 <= status <= 255 else EXIT_STATUS_TOO_LARGE
         if self.reason is StopReason.TIMEOUT:
             return 124
-        if self.reason is StopReason.INTERRUPTED:
-            return 130
+        if self.reason is StopReason.INTERRUPTED:  # Ctrl-C 130; SIGTERM 143, SIGHUP 129
+            return 128 + self.status if self.status else 130
         return 3
 
 
@@ -123,14 +151,14 @@ class Machine:
             from leanvm.machine.vcpus import GroupControl
 
             self._control = GroupControl()
-        self._closables: list[Any] = []
-        self._extra_mappings: list[HostMapping] = []
+        self._resources = _Resources()  # closed by close(), or when the Machine is collected
+        self._finalizer = weakref.finalize(self, self._resources.leaked, repr(config.name or
+                                                                             "unnamed"))
         self.result: RunResult | None = None
         self.fallback: "Fallback | None" = None  # built with the machine when it is on
         self.sampler: "RipSampler | None" = None  # with sample_hz, once run
         self.cpu_profile: str | None = None  # "host" or "emulated", once built
         self._host_finding: "HostFinding | None" = None
-        self._vcpu_thread: int | None = None
         self._thread: threading.Thread | None = None
         self._background_error: BaseException | None = None
         self.tracer = Tracer(config.trace, origin=self.process_start_ns)
@@ -162,17 +190,17 @@ class Machine:
         image = None if firmware or direct else load_image(config.guest or demo_guest_path())
         kernel = self._map_kernel() if config.kernel is not None else None
         self.kvm = Kvm(config.kvm_path)
-        self._closables.append(self.kvm)
+        self._resources.add(self.kvm)
         cpuid = self._apply_cpu_profile(self.kvm.supported_cpuid())
         self.kernel_cmdline, self.cmdline_added = self._linux_cmdline()
         self.plan = plan_for(config, cpuid.phys_addr_bits())
         self.vm = self.kvm.create_vm()
-        self._closables.insert(0, self.vm)
+        self._resources.add(self.vm)
         setup_kvm_private(self.vm, self.plan)
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-        self.memory: GuestMemory = build_ram(self.plan)
+        self.memory: GuestMemory = self._resources.add(build_ram(self.plan))
         self.memslots = Memslots(self.vm)
         for region in self.memory.regions:
             self.memslots.add(region)
@@ -199,6 +227,8 @@ class Machine:
             self.flash_banks, self.bios_area = build_flash(
                 flash, self.plan, self.memory, self.memslots, self.platform.mmio,
                 config.max_fw_size)
+            for bank in self.flash_banks:
+                self._resources.add(bank)
             if self.bios_area is not None:
                 self.platform.pci.host_bridge.on_write = _pam_forwarder(self.bios_area)
         self.kernel = None
@@ -244,6 +274,8 @@ class Machine:
             self.vcpus += create_aps(self.vm, ap_cpuid, config.smp)
         self.image = image
         self.fallback = self._make_fallback(cpuid.phys_addr_bits())
+        if self.fallback is not None:
+            self._resources.add(self.fallback)
         self.state = RunState.READY
         if self.tracer.enabled:
             self.tracer.instant("vmm", "images loaded")
@@ -391,7 +423,17 @@ class Machine:
         return self.build().platform.mmio
 
     def add_mmio_device(self, base: int, size: int, device: BusDevice, name: str) -> None:
-        self.mmio_bus.register(base, size, device, name)
+        """A device model at guest-physical [base, base + size): the guest's loads and
+        stores there reach ``device.read(offset, size)`` / ``write(offset, size, value)``.
+        Refused over guest RAM, whose accesses never leave the guest (over a read-only
+        region it is allowed: the guest's writes there come to the device)."""
+        bus = self.mmio_bus
+        for region in self.memory.regions:
+            if base < region.end and region.base < base + size and not region.readonly:
+                raise ConfigError(f"device {name} [{base:#x}, {base + size:#x}) overlaps guest "
+                                  f"memory {region.name} [{region.base:#x}, {region.end:#x}): "
+                                  "accesses there go to memory, never to a device")
+        bus.register(base, size, device, name)
 
     def add_pio_device(self, base: int, size: int, device: BusDevice, name: str) -> None:
         self.pio_bus.register(base, size, device, name)
@@ -400,6 +442,11 @@ class Machine:
                    readonly: bool = False) -> GuestRegion:
         """Map host memory into the guest (readonly: guest writes arrive as MMIO writes)."""
         self.build()
+        for other in self.platform.mmio.mappings:
+            if base < other.end and other.base < base + mapping.size and not readonly:
+                raise ConfigError(f"guest region {name} [{base:#x}, {base + mapping.size:#x}) "
+                                  f"overlaps device {other.name} [{other.base:#x}, "
+                                  f"{other.end:#x})")
         kind = RegionKind.ROM if readonly else RegionKind.FILE if mapping.path else RegionKind.RAM
         region = self.memory.add(GuestRegion(name, base, mapping, kind, readonly=readonly))
         self.memslots.add(region)
@@ -409,13 +456,15 @@ class Machine:
     def run(self, timeout: float | None = None, until: bytes | str | None = None) -> RunResult:
         """Run the vCPU on this thread until the guest stops the VM, ``timeout`` seconds pass,
         or (with ``until``) the serial output contains that text."""
+        timeout = check_timeout(timeout)
+        if until is not None and not until:
+            raise ConfigError("bad until text: empty (it would match at once)")
         self.build()
         self.consoles.until = until.encode() if isinstance(until, str) else until
         if self.state is not RunState.READY:
             raise LeanvmError(f"machine cannot run from state {self.state.value}")
         self.consoles.open(self.platform.serial)
         _install_kick_handler()
-        self._vcpu_thread = threading.get_ident()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
         sampler = self._start_sampler() if self.config.sample_hz else None
@@ -427,16 +476,18 @@ class Machine:
                 from leanvm.machine.vcpus import run_vcpus
 
                 stop = run_vcpus(self.vcpus, self.platform.pio, self.platform.mmio,
-                                 self._control,  # type: ignore[arg-type]
-                                 KICK_SIGNAL if _kick_handler_installed else None)
+                                 self._control)  # type: ignore[arg-type]
             else:
                 stop = run_loop(self.vcpu, self.platform.pio, self.platform.mmio, self._control)
-        except KeyboardInterrupt:
-            stop = Stop(StopReason.INTERRUPTED, "interrupted by the user (Ctrl-C)")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or a terminating signal the CLI turned into one
+            signum = getattr(exc, "signum", None)
+            stop = Stop(StopReason.INTERRUPTED, getattr(exc, "detail", None)
+                        or "interrupted by the user (Ctrl-C)", signum)
         finally:
             stopped = time.monotonic_ns()
             if timer is not None:
                 timer.cancel()
+                timer.join()  # its thread holds the machine until it ends
             if sampler is not None:
                 sampler.stop()
             self.consoles.close()
@@ -446,7 +497,7 @@ class Machine:
             if self.tracer.enabled:
                 from leanvm.machine.sampler import add_to_trace
 
-                add_to_trace(self.tracer, sampler.samples, sampler.symbols)
+                add_to_trace(self.tracer, sampler.samples, sampler.symbols, sampler.sample_vcpus)
         if self.tracer.enabled:
             self._trace_run(first_entry, stopped, stop)
         rip = None
@@ -459,9 +510,12 @@ class Machine:
             if stop.reason is StopReason.INTERNAL_ERROR and stop.exit is not None:
                 where = f"vCPU {stopper}: " if stopper else ""
                 stop = Stop(stop.reason, where + stop.exit.describe(rip), exit=stop.exit)  # type: ignore[union-attr]
+        from leanvm.machine.stats import StatsSource
+
         self.result = RunResult(stop.reason, stop.detail, stop.status, self._control.exits, rip,
                                 self.process_start_ns, first_entry, stopped,
-                                self.entry_trap.hit if self.entry_trap is not None else None)
+                                self.entry_trap.hit if self.entry_trap is not None else None,
+                                StatsSource(self))
         return self.result
 
     def _trace_run(self, first_entry: int, stopped: int, stop: Stop) -> None:
@@ -480,9 +534,10 @@ class Machine:
                        args={"reason": stop.reason.value})
         tracer.instant("vmm", "stop", ts=stopped)
 
-    def stop(self, detail: str = "stopped by the host") -> None:
-        """Ask a running machine to stop (from any thread)."""
-        self._kick(Stop(StopReason.INTERRUPTED, detail))
+    def stop(self, detail: str = "stopped by the host", signum: int | None = None) -> None:
+        """Ask a running machine to stop, from any thread, even while the guest runs without
+        exiting (``signum``: the signal that asked, for the exit status 128 + signum)."""
+        self._kick(Stop(StopReason.INTERRUPTED, detail, signum))
 
     @property
     def console(self) -> bytes:
@@ -502,18 +557,15 @@ class Machine:
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
+        """Give back everything the VM holds (vCPU, VM and /dev/kvm descriptors, guest
+        memory, flash banks, whose persistent stores are flushed first). A Machine that is
+        never closed is closed when it is collected, with a ResourceWarning, as files are."""
         if self.state is RunState.CLOSED:
             return
-        for bank in getattr(self, "flash_banks", ()):
-            bank.close()
-        if self.fallback is not None:
-            self.fallback.close()
-        memory = getattr(self, "memory", None)
-        if memory is not None:
-            memory.close()
-        for item in self._closables:
-            item.close()
-        self._closables.clear()
+        self._finalizer.detach()
+        if self.result is not None and self.result.source is not None:
+            self.result.source.freeze()
+        self._resources.close()
         self.state = RunState.CLOSED
 
     def __enter__(self) -> "Machine":
@@ -531,9 +583,9 @@ class Machine:
 
     # --- running in the background ------------------------------------------------------
     def start(self, timeout: float | None = None) -> "Machine":
-        """Run the vCPU on a background thread; then ``wait_for_console``, ``wait`` or
-        ``stop``. Call it from the main thread if you can (it installs the signal handler
-        that lets ``stop`` interrupt a guest that is not exiting)."""
+        """Run the vCPUs on a background thread; then ``wait_for_console``, ``wait`` or
+        ``stop`` (from any thread)."""
+        timeout = check_timeout(timeout)
         self.build()
         if self._thread is not None:
             raise LeanvmError("machine already started")
@@ -612,27 +664,62 @@ class Machine:
         return timer
 
     def _kick(self, stop: Stop) -> None:
-        self._control.request(stop)
-        self._poke()
+        self._control.request(stop)  # kicks every running vCPU
 
     def _poke(self) -> None:
-        """Interrupt vCPU 0's KVM_RUN once (it resumes unless a stop was requested)."""
-        if self.state is RunState.RUNNING:
-            self.vcpu.request_stop()
-            thread = self._vcpu_thread
-            if thread is not None and _kick_handler_installed:
-                signal.pthread_kill(thread, KICK_SIGNAL)
+        """Interrupt every running vCPU's KVM_RUN once (they resume: no stop requested)."""
+        self._control.kick()
 
     def _start_sampler(self) -> "RipSampler":
         from leanvm.machine.sampler import RipSampler
 
-        sampler = self.sampler = RipSampler(self.config.sample_hz, self._poke)
+        sampler = self.sampler = RipSampler(self.config.sample_hz, self._poke, len(self.vcpus))
         self._control.on_interrupt = sampler.take
         sampler.start()
         return sampler
 
 
+class _Resources:
+    """What a Machine holds that must be given back, closed in reverse order of acquisition
+    (flash banks before the guest memory they live in, vCPUs and the VM before /dev/kvm).
+    Holds no reference to the Machine, so a forgotten Machine can still be collected."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def add(self, item: Any) -> Any:
+        self.items.append(item)
+        return item
+
+    def close(self) -> None:
+        while self.items:
+            self.items.pop().close()
+
+    def leaked(self, name: str) -> None:
+        if self.items:
+            import warnings
+
+            warnings.warn(f"leanvm Machine {name} was never closed: use 'with Machine(...)' "
+                          "or call close()", ResourceWarning, stacklevel=2)
+        self.close()
+
+
 _kick_handler_installed = False
+MAX_TIMEOUT = 366 * 86400.0  # seconds; threading.Timer cannot wait much longer
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A time limit in seconds: None (no limit) or a finite number above 0."""
+    import math
+
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError(f"bad timeout {timeout!r}: expected a number of seconds")
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ConfigError(f"bad timeout {timeout!r}: expected a number of seconds above 0 "
+                          f"and at most {MAX_TIMEOUT:.0f} (a year)")
+    return float(timeout)
 
 
 def _pam_forwarder(area: object) -> "Callable[[int, int], None]":
@@ -646,9 +733,9 @@ def _pam_forwarder(area: object) -> "Callable[[int, int], None]":
 
 
 def _install_kick_handler() -> None:
-    """A no-op handler so KICK_SIGNAL interrupts KVM_RUN (EINTR) instead of killing us.
-    Python only lets the main thread install handlers; elsewhere the immediate_exit flag
-    alone stops the vCPU at its next exit."""
+    """A no-op handler for KICK_SIGNAL, where Python allows it (the main thread): vCPU
+    threads block the signal and need none (vcpu_loop.LoopControl), but a stray KICK_SIGNAL
+    sent to the whole process must not kill it."""
     global _kick_handler_installed
     if _kick_handler_installed:
         return

@@ -1,10 +1,11 @@
-"""Where the guest's time goes: vCPU 0's instruction pointer, sampled at a fixed rate.
+"""Where the guest's time goes: every vCPU's instruction pointer, sampled at a fixed rate.
 
-A host thread wakes ``hz`` times a second and kicks vCPU 0 out of KVM_RUN (immediate_exit
-and the kick signal, as a stop request does, but without asking it to stop). The vCPU
-thread, seeing the interrupted run, reads RIP (one KVM_GET_REGS) and goes on. A guest that
-exits on its own between kicks is sampled at its next exit. Nothing runs per exit, so a VM
-that is not sampled pays nothing; one that is pays one kick and one ioctl per sample.
+A host thread wakes ``hz`` times a second and kicks the vCPUs out of KVM_RUN (immediate_exit
+and the kick signal, as a stop request does, but without asking them to stop). Each vCPU
+thread, seeing the interrupted run, reads its RIP (one KVM_GET_REGS) and goes on. A guest
+that exits on its own between kicks is sampled at its next exit. Nothing runs per exit, so a
+VM that is not sampled pays nothing; one that is pays one kick and one ioctl per sample and
+vCPU. A vCPU that waits for its start-up IPI or halts is sampled when it next runs.
 """
 
 from __future__ import annotations
@@ -29,18 +30,21 @@ MAX_SAMPLES = 1_000_000
 
 
 class RipSampler:
-    def __init__(self, hz: float, kick: Callable[[], None]) -> None:
+    def __init__(self, hz: float, kick: Callable[[], None], vcpus: int = 1) -> None:
         if not 0 < hz <= MAX_HZ:
             raise ConfigError(f"bad sampling rate {hz:g} Hz: expected more than 0 and at most "
                               f"{MAX_HZ:g}")
         self.hz = hz
         self.samples: list[tuple[int, int]] = []  # (CLOCK_MONOTONIC ns, RIP)
+        self.sample_vcpus: list[int] = []  # the vCPU of each sample, in the same order
+        self.vcpus = vcpus
         self.missed = 0  # samples not taken (the limit, or registers unreadable)
         self.symbols: "Symbols | None" = None  # set by resolve(), after the run
         self.symbol_note = ""
         self._kick = kick
-        self._pending = False
+        self._pending: set[int] = set()  # vCPUs whose next interrupted run records a sample
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -57,7 +61,7 @@ class RipSampler:
     def _tick(self) -> None:
         interval = 1.0 / self.hz
         while not self._done.wait(interval):
-            self._pending = True
+            self._pending = set(range(self.vcpus))
             self._kick()
 
     def resolve(self, symbols: "Path | None", kernel: "Path | None") -> None:
@@ -70,9 +74,10 @@ class RipSampler:
 
     def take(self, vcpu: "Vcpu") -> None:
         """On the vCPU thread, after KVM_RUN was interrupted: record RIP if a sample is due."""
-        if not self._pending:
+        pending = self._pending
+        if vcpu.id not in pending:
             return
-        self._pending = False
+        pending.discard(vcpu.id)
         if len(self.samples) >= MAX_SAMPLES:
             self.missed += 1
             return
@@ -81,7 +86,9 @@ class RipSampler:
         except LeanvmError:
             self.missed += 1
             return
-        self.samples.append((time.monotonic_ns(), rip))
+        with self._lock:  # vCPU threads sample concurrently; keep the two lists in step
+            self.samples.append((time.monotonic_ns(), rip))
+            self.sample_vcpus.append(vcpu.id)
 
 
 def profile(samples: list[tuple[int, int]], symbols: "Symbols | None",
@@ -133,7 +140,11 @@ def _bzimage_version(kernel: "Path") -> str | None:
 
 
 def add_to_trace(tracer: "Tracer", samples: list[tuple[int, int]],
-                 symbols: "Symbols | None") -> None:
-    """Each sample as an instant on the timeline (category "sample"), named by function."""
-    for ts, rip in samples:
-        tracer.instant("sample", _where(rip, symbols), ts=ts, args={"rip": f"{rip:#x}"})
+                 symbols: "Symbols | None", vcpus: "list[int] | None" = None) -> None:
+    """Each sample as an instant on the timeline (category "sample"), named by function,
+    with its vCPU."""
+    for index, (ts, rip) in enumerate(samples):
+        args: dict[str, object] = {"rip": f"{rip:#x}"}
+        if vcpus is not None and index < len(vcpus):
+            args["vcpu"] = vcpus[index]
+        tracer.instant("sample", _where(rip, symbols), ts=ts, args=args)

@@ -8,6 +8,8 @@ asked to stop.
 from __future__ import annotations
 
 import fcntl
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,6 +38,9 @@ class StopReason(Enum):
     GUEST_PANIC = "guest-panic"  # the guest kernel printed "Kernel panic - not syncing"
 
 
+KICK_SIGNAL = signal.SIGUSR1  # interrupts a vCPU's KVM_RUN (kvm/vcpu.py bind_kick_signal)
+
+
 class Stop(NamedTuple):
     reason: StopReason
     detail: str
@@ -44,9 +49,14 @@ class Stop(NamedTuple):
 
 
 class LoopControl:
-    """Shared between the loop and whoever may stop it (devices, timers, other threads)."""
+    """Shared between the loop and whoever may stop it (devices, timers, other threads).
 
-    __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns")
+    Any thread may ``request`` a stop or ``kick`` the vCPUs: each loop registers its vCPU and
+    thread here while it runs (``enter``/``leave``), and a kick sends that thread the kick
+    signal, which interrupts KVM_RUN even for a guest that never exits on its own."""
+
+    __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns",
+                 "_lock", "_running")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
@@ -56,11 +66,40 @@ class LoopControl:
         self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
         # Called with the vCPU when a kick interrupted KVM_RUN without a stop (the sampler).
         self.on_interrupt: Callable[[Vcpu], None] | None = None
+        self._lock = threading.Lock()
+        # vCPU id -> (thread ident, vCPU, undo of its kick binding) while its loop runs
+        self._running: dict[int, tuple[int, Vcpu, Callable[[], None]]] = {}
 
     def request(self, stop: Stop) -> None:
-        if self.stop is None:
+        """Stop the loop(s) with ``stop`` (the first request wins), from any thread."""
+        with self._lock:
+            if self.stop is not None:
+                return
             self.requested_ns = time.monotonic_ns()
             self.stop = stop
+        self.kick()
+
+    def enter(self, vcpu: Vcpu) -> None:
+        """The calling thread runs ``vcpu`` from now on; kicks reach it."""
+        unbind = vcpu.bind_kick_signal(KICK_SIGNAL)
+        with self._lock:
+            self._running[vcpu.id] = (threading.get_ident(), vcpu, unbind)
+
+    def leave(self, vcpu: Vcpu) -> None:
+        """``vcpu``'s loop ended: no more kicks for its thread (pending ones are dropped)."""
+        with self._lock:
+            entry = self._running.pop(vcpu.id, None)
+        if entry is not None:
+            entry[2]()
+
+    def kick(self, vcpu_id: int | None = None) -> None:
+        """Interrupt the KVM_RUN of every running vCPU (or of ``vcpu_id``) once; each loop
+        then stops if a stop was requested, else goes on (``on_interrupt`` sees it)."""
+        with self._lock:
+            for index, (thread, vcpu, _) in self._running.items():
+                if vcpu_id is None or index == vcpu_id:
+                    vcpu.request_stop()  # a KVM_RUN about to start returns at once
+                    signal.pthread_kill(thread, KICK_SIGNAL)  # one in progress returns EINTR
 
 
 def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
@@ -72,6 +111,7 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
     from_bytes = int.from_bytes
     IoOut, IoIn, MmioRead, MmioWrite = ex.IoOut, ex.IoIn, ex.MmioRead, ex.MmioWrite
     exits = 0
+    control.enter(vcpu)
     try:
         while control.stop is None:
             exits += 1
@@ -110,6 +150,7 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
                 if stop is not None:
                     control.request(stop)
     finally:
+        control.leave(vcpu)
         control.exits += exits
     return control.stop
 

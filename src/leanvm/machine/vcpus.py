@@ -11,18 +11,18 @@ single-vCPU machine never comes here and pays nothing for it.
 Stopping: GroupControl is the machine's LoopControl when it has several vCPUs. Its
 ``request`` (called by devices, the timeout timer, Machine.stop, or any vCPU's loop) sets the
 stop on every vCPU's loop control and kicks each vCPU out of KVM_RUN: the immediate_exit flag
-for one about to enter, and a signal for one blocked in the kernel (halted, or waiting for
-SIPI), which only that signal can wake.
+for one about to enter, and the kick signal for one blocked in the kernel (halted, or
+waiting for SIPI), which only a signal can wake. Kicks work from any thread, whichever
+thread runs the vCPUs (vcpu_loop.LoopControl, kvm/vcpu.py bind_kick_signal).
 """
 
 from __future__ import annotations
 
-import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from leanvm.errors import LeanvmError
 from leanvm.kvm.cpuid import CpuidTable
 from leanvm.machine.topology import vcpu_cpuid
 from leanvm.machine.vcpu_loop import LoopControl, Stop, StopReason, run_loop
@@ -45,55 +45,39 @@ def create_aps(vm: "Vm", cpuid: CpuidTable, count: int) -> "list[Vcpu]":
 
 
 class GroupControl(LoopControl):
-    """LoopControl of a machine with several vCPUs (vCPU 0's loop uses it directly)."""
+    """LoopControl of a machine with several vCPUs (vCPU 0's loop uses it directly; every
+    vCPU's loop registers here, so a kick or a stop reaches them all)."""
 
-    __slots__ = ("members", "stopped_by", "_lock", "_vcpus", "_threads", "_kick_signal")
+    __slots__ = ("members", "stopped_by")
 
     def __init__(self) -> None:
         super().__init__()
         self.members: list[MemberControl] = []
         self.stopped_by: int | None = None  # the vCPU whose thread requested the stop
-        self._lock = threading.Lock()
-        self._vcpus: "list[Vcpu]" = []
-        self._threads: list[int | None] = []  # thread ident per vCPU while its loop runs
-        self._kick_signal: int | None = None
 
-    def attach(self, vcpus: "list[Vcpu]", members: "list[MemberControl]",
-               kick_signal: int | None) -> None:
+    def attach(self, members: "list[MemberControl]") -> None:
         with self._lock:
-            self._vcpus, self.members = list(vcpus), members
-            self._threads = [None] * len(vcpus)
-            self._kick_signal = kick_signal
+            self.members = members
             for member in members:
                 member.stop = self.stop  # a stop requested before the threads started
-
-    def enter(self, index: int) -> None:
-        """The calling thread runs vCPU ``index`` from now on."""
-        with self._lock:
-            self._threads[index] = threading.get_ident()
-
-    def leave(self, index: int) -> None:
-        """vCPU ``index``'s loop ended: its thread is no longer signalled."""
-        with self._lock:
-            self._threads[index] = None
 
     def request(self, stop: Stop) -> None:
         with self._lock:
             if self.stop is not None:
                 return
-            LoopControl.request(self, stop)
+            self.requested_ns = time.monotonic_ns()
+            self.stop = stop
             me = threading.get_ident()
-            self.stopped_by = next((i for i, t in enumerate(self._threads) if t == me), None)
+            self.stopped_by = next((index for index, (thread, _, _) in self._running.items()
+                                    if thread == me), None)
             for member in self.members:
                 member.stop = stop
-            for vcpu, thread in zip(self._vcpus, self._threads):
-                vcpu.request_stop()  # the next or current KVM_RUN returns at once
-                if thread is not None and thread != me and self._kick_signal is not None:
-                    signal.pthread_kill(thread, self._kick_signal)  # wakes a blocked KVM_RUN
+        self.kick()
 
 
 class MemberControl(LoopControl):
-    """Loop control of an application processor: its own exit count, the group's stop."""
+    """Loop control of an application processor: its own exit count, the group's stop and
+    the group's registry of running vCPUs."""
 
     __slots__ = ("group", "index")
 
@@ -104,6 +88,15 @@ class MemberControl(LoopControl):
 
     def request(self, stop: Stop) -> None:
         self.group.request(stop._replace(detail=f"vCPU {self.index}: {stop.detail}"))
+
+    def enter(self, vcpu: "Vcpu") -> None:
+        self.group.enter(vcpu)
+
+    def leave(self, vcpu: "Vcpu") -> None:
+        self.group.leave(vcpu)
+
+    def kick(self, vcpu_id: int | None = None) -> None:
+        self.group.kick(vcpu_id)
 
 
 class LockedBus:
@@ -137,14 +130,9 @@ def _locked_handler(handler: "Callable[[Vcpu, InternalError], bool] | None",
     return locked
 
 
-def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupControl,
-              kick_signal: int | None) -> Stop:
+def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupControl) -> Stop:
     """Run ``vcpus[0]`` on this thread and the rest on threads of their own until the VM
-    stops; the stop. ``kick_signal`` is the signal with a no-op handler that interrupts a
-    blocked KVM_RUN; without one, halted vCPUs could never be stopped, so it is required."""
-    if kick_signal is None:
-        raise LeanvmError("a machine with several vCPUs must first be run or started from "
-                          "the main thread (it installs the signal handler that stops vCPUs)")
+    stops; the stop."""
     lock = threading.Lock()
     locked_pio, locked_mmio = LockedBus(pio, lock), LockedBus(mmio, lock)
     handler = control.on_emulation_failure  # the machine's, called with the failing vCPU
@@ -152,19 +140,17 @@ def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupContro
     members = [MemberControl(control, index) for index in range(1, len(vcpus))]
     for member in members:
         member.on_emulation_failure = locked
-    control.attach(vcpus, members, kick_signal)
+        member.on_interrupt = control.on_interrupt
+    control.attach(members)
     errors: list[BaseException] = []
 
     def run_ap(member: MemberControl) -> None:
-        control.enter(member.index)
         try:
             run_loop(vcpus[member.index], locked_pio, locked_mmio, member)  # type: ignore[arg-type]
         except BaseException as exc:  # handed to the caller once everything has stopped
             errors.append(exc)
             control.request(Stop(StopReason.INTERRUPTED,
                                  f"vCPU {member.index} failed: {exc}"))
-        finally:
-            control.leave(member.index)
 
     threads = [threading.Thread(target=run_ap, args=(member,), name=f"leanvm-vcpu{member.index}",
                                 daemon=True) for member in members]
@@ -172,13 +158,9 @@ def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupContro
     try:
         for thread in threads:
             thread.start()
-        control.enter(0)
-        try:
-            run_loop(vcpus[0], locked_pio, locked_mmio, control)  # type: ignore[arg-type]
-        finally:
-            control.leave(0)
+        run_loop(vcpus[0], locked_pio, locked_mmio, control)  # type: ignore[arg-type]
     except BaseException as exc:
-        control.request(Stop(StopReason.INTERRUPTED, f"vCPU 0 stopped: {exc!r}"))
+        control.request(Stop(StopReason.INTERRUPTED, f"vCPU 0 stopped: {exc}"))
         raise
     finally:
         control.on_emulation_failure = handler
