@@ -21,7 +21,7 @@ def test_table_has_a_row_per_region() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("machine leanvm-1, 40-bit physical addresses")
-    assert lines[1].split() == ["region", "base", "end", "size", "state"]
+    assert lines[1].split() == ["region", "base", "last", "size", "state"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["ram-high"][1:4] == ["0x100000000", "0x13fffffff", "1G"]
     assert rows["device-memory"][3] == "5G"

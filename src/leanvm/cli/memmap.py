@@ -40,8 +40,14 @@ def handle(args: argparse.Namespace) -> int:
 
     from leanvm.machine.config import parse_memory_option
 
+    from leanvm.errors import ConfigError
+    from leanvm.machine.config import PA_BITS_RANGE
+
     memory = parse_memory_option(args.memory)
     settings = parse_settings(args.set)
+    low, high = PA_BITS_RANGE
+    if args.pa_bits is not None and not low <= args.pa_bits <= high:
+        raise ConfigError(f"bad --pa-bits {args.pa_bits}: expected {low} to {high}")
     if args.machine.startswith("virt"):
         from leanvm.layout.virt import plan_virt_layout
 
@@ -55,7 +61,7 @@ def handle(args: argparse.Namespace) -> int:
         config = MachineConfig(memory=memory.size, maxmem=memory.maxmem, slots=memory.slots,
                                machine=args.machine, pa_bits=args.pa_bits,
                                layout=tuple(settings.items()))
-        pa_bits = args.pa_bits or host_pa_bits()
+        pa_bits = args.pa_bits if args.pa_bits is not None else host_pa_bits()
         note = "" if pa_bits else " (no KVM here: 40 assumed; --pa-bits sets it)"
         plan = plan_for(config, pa_bits or 40)
     if args.json:
@@ -63,7 +69,7 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     print(f"machine {plan.machine}, {plan.pa_bits}-bit physical addresses{note}, "
           f"highest address {plan.highest_gpa:#x}")
-    rows = [("region", "base", "end", "size", "state")]
+    rows = [("region", "base", "last", "size", "state")]  # last: the region's last byte
     for region in plan.regions:
         rows.append((region.name, f"{region.base:#x}", f"{region.end - 1:#x}" if region.size else "-",
                      human(region.size), region.describe_state()))

@@ -7,6 +7,30 @@ import sys
 from pathlib import Path
 
 
+def _seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"bad value {text!r}: expected a number of seconds "
+                                         "above 0")
+    return value
+
+
+class _NoOp(argparse.Action):
+    """A QEMU option leanvm accepts and ignores (its effect is leanvm's only behaviour)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        seen = list(getattr(namespace, self.dest, None) or [])
+        seen.append((option_string, QEMU_NO_OPS.get(option_string or "")))
+        setattr(namespace, self.dest, seen)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "run", help="boot a guest (with no arguments: the bundled demo guest)",
@@ -15,13 +39,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                     "kernel given with -kernel/-initrd/-append. Serial output goes to the "
                     "terminal; a summary follows on stderr. Exit status: 0 after a guest reset, "
                     "when the firmware finds no boot device or --until matched; the guest's "
-                    "status after a write to the exit port; 124 on timeout; 3 if the guest "
-                    "failed.")
+                    "status after a write to the exit port (4 if it does not fit 0-255); 124 on "
+                    "timeout; 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (each still writes "
+                    "the summary, trace and stats); 3 if the guest failed; 2 for a usage "
+                    "error. QEMU's -machine, -cpu, -name, -bios, -accel kvm, -enable-kvm, "
+                    "-no-reboot and -nographic are accepted where leanvm has the feature.")
     parser.add_argument("-m", "--memory", default="128M", metavar="SIZE[,maxmem=SIZE][,slots=N]",
                         help="guest RAM as QEMU's -m, e.g. 512M or 2G,maxmem=8G,slots=2; a bare "
                              "number is MiB (default 128M)")
-    parser.add_argument("--machine", default="leanvm", metavar="NAME",
-                        help="memory-map version: leanvm (newest) or leanvm-1")
+    parser.add_argument("--machine", "-machine", "-M", default="leanvm",
+                        metavar="NAME[,PROP=VALUE...]",
+                        help="memory-map version: leanvm (newest) or leanvm-1, with optional "
+                             "memory-map switches as in --set")
     parser.add_argument("--pa-bits", type=int, metavar="N",
                         help="guest physical address bits (default: the vCPU's CPUID)")
     parser.add_argument("--set", action="append", default=[], metavar="PROP=VALUE",
@@ -33,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="argument string handed to the guest (see docs/guest-abi.md)")
     parser.add_argument("-serial", "--serial", default="stdio", metavar="MODE",
                         help="COM1: stdio (default), file:PATH or none")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                         help="stop the guest after this many seconds")
     parser.add_argument("--until", metavar="TEXT",
                         help="stop the guest (exit status 0) once its serial output contains TEXT")
@@ -46,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("-drive", action="append", default=[], metavar="if=pflash,file=F,...",
                         help="QEMU-style flash: if=pflash,format=raw,file=FILE[,readonly=on]; "
                              "the first is bank 0 (code), the second bank 1 (vars)")
-    parser.add_argument("--bios", type=Path, metavar="FILE",
+    parser.add_argument("--bios", "-bios", type=Path, metavar="FILE",
                         help="boot firmware (e.g. /usr/share/seabios/bios.bin) from flash bank 0 "
                              "at the reset vector instead of a bare guest")
     parser.add_argument("-kernel", "--kernel", type=Path, metavar="BZIMAGE",
@@ -70,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                              "decompresses it on the host once, cached, for direct boots)")
     parser.add_argument("-smp", "--smp", type=int, default=1, metavar="N",
                         help="virtual CPUs, one host thread each (default 1)")
-    parser.add_argument("--cpu-profile", default="auto", choices=("auto", "host", "emulated"),
+    parser.add_argument("--cpu-profile", "-cpu", default="auto", choices=("auto", "host", "emulated"),
                         help="CPUID the guest sees: host = all KVM offers; emulated = without "
                              "the features a host that emulates supervisor code cannot run "
                              "(docs/emulation.md); auto (default) = emulated on such hosts")
@@ -95,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--probes", type=Path, metavar="FILE",
                         help="names for probe ids fired on port 0x404: lines 'ID NAME'")
     parser.add_argument("--sample-rip", type=float, default=0.0, metavar="HZ",
-                        help="sample vCPU 0's instruction pointer HZ times a second and show "
+                        help="sample every vCPU's instruction pointer HZ times a second and show "
                         "where the guest spent its time, by kernel function (with --trace, "
                         "each sample is on the timeline)")
     parser.add_argument("--symbols", type=Path, metavar="FILE",
@@ -103,10 +132,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         "--sample-rip (default: looked for beside the kernel and in "
                         "/usr/lib/debug/boot)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    parser.add_argument("-name", "--name", default="", metavar="NAME",
+                        help="a name for the VM, shown in the summary and the stats")
+    parser.add_argument("-accel", metavar="kvm", help="accepted as QEMU's -accel kvm (leanvm "
+                        "runs on KVM only)")
+    for option in QEMU_NO_OPS:
+        parser.add_argument(option, dest="qemu_no_ops", action=_NoOp, nargs=0, default=[],
+                            help=f"accepted for QEMU's {option}: {QEMU_NO_OPS[option] or 'what leanvm always does'}")
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
-                        help="write the run's figures (timestamps on CLOCK_MONOTONIC, exits) "
-                             "as JSON to FILE")
+                        help="write the run's figures as JSON to FILE (every field and unit: "
+                             "docs/stats.md)")
     parser.set_defaults(handler=handle)
+
+
+QEMU_NO_OPS = {  # QEMU options whose effect is what leanvm always does
+    "-enable-kvm": None,
+    "-no-reboot": None,  # a guest reset stops leanvm's VM (exit status 0)
+    "-nographic": "leanvm has no display: the serial console is on stdio already",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: the VM stops, the summary, trace and stats
+    are written, and leanvm exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.detail = f"terminated by {signal.Signals(signum).name}"
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -116,12 +171,24 @@ def handle(args: argparse.Namespace) -> int:
     import os
 
     from leanvm.cli.memmap import parse_settings
+    from leanvm.errors import ConfigError
 
+    for option, note in args.qemu_no_ops:
+        if note:
+            print(f"leanvm: note: {option} has no effect: {note}", file=sys.stderr)
     hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
     from leanvm.machine.flash import parse_drive_option, parse_flash_option
 
     flash = [parse_flash_option(text) for text in args.flash]
     flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
+    machine_name, machine_settings = _machine_option(args.machine)
+    settings = {**machine_settings, **parse_settings(args.set)}
+    if args.accel is not None and args.accel.split(",")[0] != "kvm":
+        raise ConfigError(f"bad -accel {args.accel!r}: leanvm runs guests on KVM only "
+                          "(-accel kvm)")
+    if args.until is not None and not args.until:
+        raise ConfigError("bad --until '': give the text to wait for (empty text would "
+                          "match at once)")
     config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
                            bios=args.bios, debugcon=args.debugcon, guest=args.guest,
                            kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
@@ -131,33 +198,30 @@ def handle(args: argparse.Namespace) -> int:
                            symbols=args.symbols,
                            emulation_fallback=args.emulation_fallback,
                            probe_names=_probe_table(args.probes) if args.probes else (),
-                           machine=args.machine,
+                           machine=machine_name, name=args.name,
                            pa_bits=args.pa_bits, args=args.args, serial=args.serial,
-                           hide_cpu_features=hidden, layout=tuple(parse_settings(args.set).items()),
+                           hide_cpu_features=hidden, layout=tuple(settings.items()),
                            kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
-    if args.timeout is not None and args.timeout <= 0:
-        from leanvm.errors import ConfigError
-
-        raise ConfigError(f"bad --timeout {args.timeout}: expected a positive number of seconds")
     if args.symbols is not None and not os.access(args.symbols, os.R_OK):
-        from leanvm.errors import ConfigError
-
         raise ConfigError(f"{args.symbols}: cannot read the symbols file")
     if args.symbols is not None and not args.sample_rip:
-        from leanvm.errors import ConfigError
-
         raise ConfigError("--symbols names sampled addresses: give --sample-rip HZ too")
-    if args.trace is not None and not os.access(args.trace.parent or Path("."), os.W_OK):
-        from leanvm.errors import ConfigError
+    from leanvm.fileio import check_output_path
 
-        raise ConfigError(f"{args.trace}: cannot write the trace there (no writable directory "
-                          f"{args.trace.parent})")
-    with Machine(config) as machine:
-        if args.paused:
-            return _wait_paused(machine, args.quiet)
-        result = machine.run(timeout=args.timeout, until=args.until)
+    if args.trace is not None:  # every output is checked before anything is built
+        check_output_path(args.trace, "trace")
+    if args.stats_json is not None:
+        check_output_path(args.stats_json, "stats")
+    with _terminating_signals(), Machine(config) as machine:
+        _current.append(machine)
+        try:
+            if args.paused:
+                return _wait_paused(machine, args.quiet)
+            result = machine.run(timeout=args.timeout, until=args.until)
+        finally:
+            _current.remove(machine)
         if args.stats_json:
-            _write_stats(args.stats_json, result, machine)
+            _write_stats(args.stats_json, result)
         if not args.quiet:
             from leanvm.cli.summary import print_summary
 
@@ -169,6 +233,61 @@ def handle(args: argparse.Namespace) -> int:
 
             sys.stderr.write(table(machine.trace_events, machine.tracer.origin))
     return result.exit_code
+
+
+_current: list = []  # the machine a terminating signal stops (the CLI runs one at a time)
+
+
+def _terminating_signals():  # type: ignore[no-untyped-def]
+    """SIGTERM and SIGHUP stop a running VM as Ctrl-C does (summary, trace and stats are
+    written); before or after the run they end leanvm at once, cleanly."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def installed():  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: object) -> None:
+            machine = _current[-1] if _current else None
+            if machine is not None and machine.state.value == "running":
+                machine.stop(Terminated(signum).detail, signum)
+            else:
+                raise Terminated(signum)
+
+        saved = {signum: signal.signal(signum, on_signal)
+                 for signum in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+
+    return installed()
+
+
+def _machine_option(text: str) -> tuple[str, dict[str, str]]:
+    """QEMU's -machine: 'NAME[,PROP=VALUE...]' or 'type=NAME,...' -> (name, properties)."""
+    from leanvm.errors import ConfigError
+
+    name, settings = "", {}
+    for index, part in enumerate(text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq and index == 0:
+            name = part.strip()
+        elif eq and key.strip() == "type":
+            name = value.strip()
+        elif eq and key.strip():
+            settings[key.strip()] = value.strip()
+        else:
+            raise ConfigError(f"bad -machine {text!r}: expected NAME[,PROPERTY=VALUE...]")
+    if not name.startswith("leanvm"):
+        raise ConfigError(f"bad machine {name!r}: leanvm runs its own x86 machine, leanvm "
+                          "(newest) or a pinned version such as leanvm-1 (see leanvm memmap)")
+    return name, settings
 
 
 def _probe_table(path: Path) -> tuple[tuple[int, str], ...]:
@@ -197,54 +316,13 @@ def _probe_table(path: Path) -> tuple[tuple[int, str], ...]:
     return tuple(table)
 
 
-def _write_stats(path: Path, result: object, machine: object) -> None:
+def _write_stats(path: Path, result: object) -> None:
     import json
 
-    from leanvm.errors import ConfigError
+    from leanvm.fileio import write_atomic
 
-    fields = ("reason", "detail", "status", "exits", "process_start_ns", "first_entry_ns",
-              "stopped_ns", "exit_code")
-    data = {name: getattr(result, name) for name in fields}
-    data["reason"] = data["reason"].value
-    entry = result.kernel_entry  # type: ignore[attr-defined]
-    data["kernel_entry"] = None if entry is None else {
-        "address": entry.address, "cs": entry.cs, "rip": entry.rip, "time_ns": entry.time_ns}
-    data["memmap"] = machine.plan.to_json()  # type: ignore[attr-defined]
-    data["ram_regions"] = [{"name": r.name, "base": r.base, "size": r.size}
-                           for r in machine.memory.regions]  # type: ignore[attr-defined]
-    data["host_memory"] = _host_memory(machine)
-    data["kernel_cmdline"] = getattr(machine, "kernel_cmdline", None)  # with what leanvm added
-    fallback = getattr(machine, "fallback", None)  # docs/emulation.md
-    data["cpu_profile"] = getattr(machine, "cpu_profile", None)
-    data["emulation_fallback"] = fallback.to_json() if fallback is not None else None
-    sampler = getattr(machine, "sampler", None)
-    data["rip_samples"] = None if sampler is None else {
-        "hz": sampler.hz, "count": len(sampler.samples), "symbols": sampler.symbol_note,
-        "top": [{"where": where, "samples": count} for where, count in sampler.top(50)]}
-    try:
-        path.write_text(json.dumps(data, indent=1) + "\n")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write stats ({exc.strerror})") from None
-
-
-def _host_memory(machine: object) -> dict[str, int]:
-    """What this VM costs the host at the stop, in bytes. Guest memory: resident, and
-    private = anonymous pages this VM alone owns (pagemap; file pages it maps from the page
-    cache are shared). The VMM's own overhead: written private memory (Private_Dirty) outside
-    guest memory; clean private pages (libraries, page cache only this process maps now) are
-    left out, as another VM would share them."""
-    from leanvm.memory.residency import mapping_memory, process_memory
-
-    rows = machine.residency()  # type: ignore[attr-defined]
-    regions = machine.memory.regions  # type: ignore[attr-defined]
-    guest = mapping_memory("self", [(r.mapping.address, r.mapping.address + r.size)
-                                    for r in regions])
-    process = process_memory()
-    return {"guest_resident": sum(r.resident for r in rows),
-            "guest_private": sum(r.private for r in rows),
-            "process_rss": process.rss, "process_pss": process.pss,
-            "process_private": process.private,
-            "vmm_private": max(0, process.private_dirty - guest.private_dirty)}
+    data = result.stats()  # type: ignore[attr-defined]
+    write_atomic(path, (json.dumps(data, indent=1) + "\n").encode(), "stats")
 
 
 def _wait_paused(machine: object, quiet: bool) -> int:
@@ -253,7 +331,7 @@ def _wait_paused(machine: object, quiet: bool) -> int:
     if not quiet:
         print("leanvm: VM built, vCPU not started (-S); waiting for SIGTERM or Ctrl-C",
               file=sys.stderr, flush=True)
-    signals = {signal.SIGTERM, signal.SIGINT}
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     signal.sigwait(signals)
     return 0

@@ -22,41 +22,52 @@ def human(size: int, suffix: str = "") -> str:
 
 
 def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
+    """Guest-controlled text (the stop detail, console lines, symbol names) is data: printed
+    without markup, emoji codes or control characters."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console(file=stream, highlight=False, soft_wrap=True)
-    console.print(f"[bold]leanvm:[/bold] guest stopped: {result.reason.value}: {result.detail}")
+    from leanvm.cli.main import one_line
+
+    if _ends_mid_line(machine):  # the guest's last console line is unfinished
+        stream.write("\n")
+    console = Console(file=stream, highlight=False, soft_wrap=True, emoji=False)
+    name = f" {one_line(machine.config.name)!r}" if machine.config.name else ""
+    console.print(Text.assemble(("leanvm:", "bold"), f" guest{name} stopped: "
+                                f"{result.reason.value}: {one_line(result.detail)}"))
+    plain = {"markup": False}
     console.print(f"  first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
-                  "process start")
-    note = getattr(machine, "kernel_boot_note", "")
+                  "process start", **plain)
+    note = machine.kernel_boot_note
     if note:
         loaded = machine.direct_kernel
-        console.print(f"  kernel                  {note}; entry {loaded.entry:#x}", markup=False)
-    added = getattr(machine, "cmdline_added", ())
+        entry_at = f"; entry {loaded.entry:#x}" if loaded is not None else ""
+        console.print(f"  kernel                  {one_line(note)}{entry_at}", **plain)
+    added = machine.cmdline_added
     if added:
-        why = []
-        if "cryptomgr.notests" in added:
-            why.append("no crypto self-tests")
-        if any(p == "noxsave" or p.startswith("clearcpuid=") for p in added):
-            why.append("features this host shows whatever CPUID says")
+        from leanvm.machine.cpu_profile import reasons_for
+
         console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: "
-                      f"{'; '.join(why)})", markup=False)
+                      f"{'; '.join(reasons_for(added))})", **plain)
     entry = result.kernel_entry
     if entry is not None:
         console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "
-                      f"process start, at {entry.address:#x} ({entry.cs:04x}:{entry.rip:04x})")
-    elif getattr(machine, "kernel", None) is not None:
-        console.print("  kernel entry            not reached")
-    console.print(f"  stopped                 {result.to_stop_ms:8.1f} ms after process start")
+                      f"process start, at {entry.address:#x} ({entry.cs:04x}:{entry.rip:04x})",
+                      **plain)
+    elif machine.kernel is not None:
+        console.print("  kernel entry            not reached", **plain)
+    console.print(f"  stopped                 {result.to_stop_ms:8.1f} ms after process start",
+                  **plain)
     pio, mmio = machine.platform.pio, machine.platform.mmio
-    console.print(f"  vCPU exits {result.exits}: port I/O {pio.accesses} "
+    console.print(f"  vCPU exits {result.exits}; device accesses: port I/O {pio.accesses} "
                   f"({pio.unclaimed_reads + pio.unclaimed_writes} unclaimed), "
-                  f"MMIO {mmio.accesses} ({mmio.unclaimed_reads + mmio.unclaimed_writes} unclaimed)")
-    fallback = getattr(machine, "fallback", None)
+                  f"MMIO {mmio.accesses} ({mmio.unclaimed_reads + mmio.unclaimed_writes} "
+                  "unclaimed)", **plain)
+    fallback = machine.fallback
     if fallback is not None and fallback.total:  # docs/emulation.md
-        console.print(f"  {fallback.summary()}", markup=False)
-    sampler = getattr(machine, "sampler", None)
+        console.print(f"  {one_line(fallback.summary())}", **plain)
+    sampler = machine.sampler
     if sampler is not None:
         _print_samples(console, sampler)
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
@@ -66,22 +77,33 @@ def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
     total_resident = total_private = 0
     for item in machine.residency():
         region = regions[item.name]
-        table.add_row(item.name, f"{region.base:#x}-{region.end - 1:#x}", human(item.size),
-                      human(item.resident), human(item.private))
+        table.add_row(Text(item.name), f"{region.base:#x}-{region.end - 1:#x}",
+                      human(item.size), human(item.resident), human(item.private))
         total_resident += item.resident
         total_private += item.private
     table.add_row("total", "", human(sum(r.size for r in regions.values())), human(total_resident),
                   human(total_private))
-    console.print("  host memory by region:")
+    console.print("  host memory by region:", **plain)
     console.print(table)
+
+
+def _ends_mid_line(machine: "Machine") -> bool:
+    """Whether the terminal's cursor is after guest text that did not end its line."""
+    outputs = ((machine.config.serial.mode, machine.console),
+               (machine.config.debugcon.mode, machine.debug_console))
+    return any(mode == "stdio" and text and not text.endswith(b"\n") for mode, text in outputs)
 
 
 def _print_samples(console: "Console", sampler: "RipSampler") -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from leanvm.cli.main import one_line
 
     total = len(sampler.samples)
-    console.print(f"  guest RIP samples {total} at {sampler.hz:g} Hz (vCPU 0); "
-                  f"{sampler.symbol_note or 'no samples'}", markup=False)
+    which = "vCPU 0" if sampler.vcpus == 1 else f"vCPUs 0-{sampler.vcpus - 1}"
+    console.print(f"  guest RIP samples {total} at {sampler.hz:g} Hz ({which}); "
+                  f"{one_line(sampler.symbol_note or 'no samples')}", markup=False)
     if not total:
         return
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
@@ -89,5 +111,5 @@ def _print_samples(console: "Console", sampler: "RipSampler") -> None:
     table.add_column("samples", justify="right")
     table.add_column("share", justify="right")
     for where, count in sampler.top(10):
-        table.add_row(where, str(count), f"{100 * count / total:.1f}%")
+        table.add_row(Text(one_line(where)), str(count), f"{100 * count / total:.1f}%")
     console.print(table)

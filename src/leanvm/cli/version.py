@@ -11,17 +11,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def handle(args: argparse.Namespace) -> int:
+    import os
     import platform
     import sys
 
     from leanvm import __version__
     from leanvm.abi import kvm as abi
     from leanvm.errors import KvmError
-    from leanvm.kvm.system import Kvm
+    from leanvm.kvm.system import KVM_DEVICE, Kvm
 
+    path = os.environ.get("LEANVM_KVM_DEVICE", KVM_DEVICE)  # as `leanvm run` uses it
     print(f"leanvm {__version__} (Python {sys.version.split()[0]}, Linux {platform.release()})")
     try:
-        with Kvm() as kvm:
+        with Kvm(path) as kvm:
             caps = {name[8:]: kvm.check_extension(getattr(abi, name))
                     for name in dir(abi) if name.startswith("KVM_CAP_")}
             print(f"KVM API {kvm.api_version}; memslots {caps['NR_MEMSLOTS']}, "
@@ -29,9 +31,9 @@ def handle(args: argparse.Namespace) -> int:
             print("capabilities: " + " ".join(sorted(name for name, value in caps.items() if value)))
         from leanvm.machine.host_check import check_host
 
-        finding = check_host()
+        finding = check_host(path)
         how = "cached for this boot" if finding.cached else f"probed in {finding.seconds * 1e3:.0f} ms"
         print(f"{finding.describe()} ({how})")
     except KvmError as exc:
-        print(f"KVM: not usable here ({exc})")
+        print(f"KVM ({path}): not usable here ({exc})")
     return 0

@@ -22,6 +22,8 @@ def unpad(source: str | Path, destination: str | Path) -> tuple[int, int]:
     source, destination = Path(source), Path(destination)
     if source.resolve() == destination.resolve():
         raise ImageError(f"{destination}: unpad writes a new file; give a different OUT")
+    if destination.is_dir():
+        raise ImageError(f"{destination}: is a directory (expected the name of the copy)")
     data_fd = open_image(source)
     temp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     try:
@@ -51,6 +53,10 @@ def unpad(source: str | Path, destination: str | Path) -> tuple[int, int]:
     finally:
         os.close(data_fd)
     os.close(out_fd)
-    os.replace(temp, destination)
+    try:
+        os.replace(temp, destination)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise ImageError(f"{destination}: cannot write ({exc.strerror})") from None
     fsync_dir(destination.parent)
     return size, allocated

@@ -62,7 +62,9 @@ class MemoryMap(NamedTuple):
             "pa_bits": self.pa_bits,
             "highest_gpa": self.highest_gpa,
             "properties": dict(self.properties),
-            "regions": [{"name": r.name, "base": r.base, "end": r.end, "size": r.size,
+            # end_exclusive = base + size; last = the region's last byte (what tables print)
+            "regions": [{"name": r.name, "base": r.base, "end_exclusive": r.end,
+                         "last": r.end - 1 if r.size else None, "size": r.size,
                          "state": r.state.value, "reason": r.reason} for r in self.regions],
         }
 
@@ -71,12 +73,17 @@ def round_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
+SWITCH_ON = ("on", "yes", "true", "y")  # what QEMU's qapi_bool_parse accepts, and no more
+SWITCH_OFF = ("off", "no", "false", "n")
+
+
 def parse_switch(name: str, text: str) -> bool:
-    """QEMU-style boolean property values."""
+    """QEMU-style boolean property values: on/off (or yes/no, true/false, y/n); anything
+    else, "1" and "maybe" included, is refused rather than read one way or the other."""
     lowered = text.strip().lower()
-    if lowered in ("on", "true", "yes", "1"):
+    if lowered in SWITCH_ON:
         return True
-    if lowered in ("off", "false", "no", "0"):
+    if lowered in SWITCH_OFF:
         return False
     from leanvm.errors import ConfigError
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from leanvm.errors import ConfigError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-_UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": TiB}  # bare numbers are MiB, as in QEMU
+_UNITS = {"B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}  # bare numbers: default_unit
 _SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$"  # compiled on first use
 
 DEFAULT_MEMORY = 128 * MiB
@@ -20,6 +20,9 @@ MAX_VCPUS = 64
 MIN_MEMORY = 2 * MiB
 MAX_MEMORY = 1 * TiB
 PAGE = 4096
+PA_BITS_RANGE = (32, 52)  # x86-64: 4 GiB (the firmware window) to the architecture's 52
+MAX_FW_SIZE = 16 * MiB  # QEMU's pc machine allows firmware flash up to 16 MiB in all
+MAX_NAME = 128  # -name: a label for people and tools
 
 
 def parse_size(text: str, what: str = "size", default_unit: str = "M") -> int:
@@ -29,11 +32,18 @@ def parse_size(text: str, what: str = "size", default_unit: str = "M") -> int:
         raise ConfigError(f"bad {what} {text!r}: expected a number with an optional K, M, G or T "
                           "suffix, e.g. 512M")
     number, unit = match.groups()
-    scale = _UNITS[unit.upper()] if unit else _UNITS[default_unit]
+    scale = _UNITS[(unit or default_unit).upper()]
     value = float(number) * scale
     if value != int(value):
         raise ConfigError(f"bad {what} {text!r}: not a whole number of bytes")
     return int(value)
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size} bytes"
 
 
 class MemoryOption(NamedTuple):
@@ -77,6 +87,14 @@ class SerialConfig(NamedTuple):
     mode: str = "none"
     path: Path | None = None
 
+    def check(self, what: str) -> None:
+        """A file output must be writable now: refused before anything is built."""
+        if self.mode == "file":
+            from leanvm.fileio import check_output_path
+
+            assert self.path is not None
+            check_output_path(self.path, f"{what} output")
+
     @classmethod
     def parse(cls, text: str) -> "SerialConfig":
         """'stdio', 'none' or 'file:PATH'."""
@@ -99,7 +117,7 @@ class MachineConfig:
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy", "initrd_unpack",
-                 "sample_hz", "symbols")
+                 "sample_hz", "symbols", "name")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -114,7 +132,7 @@ class MachineConfig:
                  kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
-                 symbols: Path | str | None = None) -> None:
+                 symbols: Path | str | None = None, name: str = "") -> None:
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -122,27 +140,39 @@ class MachineConfig:
             slots = option.slots or slots
         if isinstance(maxmem, str):
             maxmem = parse_size(maxmem, "maxmem")
-        if not isinstance(memory, int) or memory % PAGE:
-            raise ConfigError(f"memory size {memory} must be a multiple of 4K")
+        if isinstance(memory, bool) or not isinstance(memory, int):
+            raise ConfigError(f"bad memory size {memory!r}: expected bytes or a size such as 512M")
         if not MIN_MEMORY <= memory <= MAX_MEMORY:
-            raise ConfigError(f"memory size {memory >> 20}M is out of range: expected 2M to 1T")
+            raise ConfigError(f"memory size {_size_text(memory)} is out of range: expected 2M "
+                              "to 1T")
+        if memory % PAGE:
+            raise ConfigError(f"memory size {memory} bytes is not a multiple of 4K")
         self.memory: int = memory
         self.guest: Path | None = Path(guest) if guest is not None else None
         self.args: str = args
         self.serial: SerialConfig = SerialConfig.parse(serial) if isinstance(serial, str) else serial
+        self.serial.check("serial")
         self.hide_cpu_features: tuple[str, ...] = tuple(hide_cpu_features)
         self.kvm_path: str = kvm_path
         self.maxmem: int | None = maxmem  # None: no memory beyond RAM
         self.slots: int = slots
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
+        if pa_bits is not None and (isinstance(pa_bits, bool) or not isinstance(pa_bits, int)
+                                    or not PA_BITS_RANGE[0] <= pa_bits <= PA_BITS_RANGE[1]):
+            raise ConfigError(f"bad physical address bits {pa_bits!r}: expected "
+                              f"{PA_BITS_RANGE[0]} to {PA_BITS_RANGE[1]}")
         self.pa_bits: int | None = pa_bits  # None: from the vCPU's CPUID
         self.layout: tuple[tuple[str, str], ...] = tuple(layout)  # memory-map switches
         self.flash: tuple = tuple(flash)  # machine.flash.FlashSpec values, any order
         self.max_fw_size: int = (parse_size(max_fw_size, "max-fw-size", "B")
                                  if isinstance(max_fw_size, str) else max_fw_size)
+        if not PAGE <= self.max_fw_size <= MAX_FW_SIZE or self.max_fw_size % PAGE:
+            raise ConfigError(f"bad max-fw-size {max_fw_size!r}: expected a multiple of 4K "
+                              "from 4K to 16M")
         self.bios: Path | None = Path(bios) if bios is not None else None  # firmware in flash
         self.debugcon: SerialConfig = (SerialConfig.parse(debugcon) if isinstance(debugcon, str)
                                        else debugcon)  # where port 0x402 output goes
+        self.debugcon.check("debug console")
         self.kernel: Path | None = Path(kernel) if kernel is not None else None  # a bzImage
         self.initrd: Path | None = Path(initrd) if initrd is not None else None
         self.cmdline: str = cmdline
@@ -187,6 +217,15 @@ class MachineConfig:
             raise ConfigError("give either -kernel (Linux) or --guest (bare guest)")
         if self.kernel is None and (self.initrd is not None or cmdline):
             raise ConfigError("-initrd and -append need -kernel")
+        firmware = self.bios is not None or any(spec.role == "code" for spec in self.flash)
+        if firmware and kernel_boot != "auto":
+            raise ConfigError(f"--kernel-boot {kernel_boot} chooses how leanvm enters a kernel "
+                              "without firmware; with firmware (--bios or a code flash) the "
+                              "firmware loads the kernel: leave it out")
+        if not isinstance(name, str) or len(name) > MAX_NAME or not name.isprintable():
+            raise ConfigError(f"bad VM name {name!r}: expected printable text of at most "
+                              f"{MAX_NAME} characters")
+        self.name: str = name  # -name: shown in the summary and the stats
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)

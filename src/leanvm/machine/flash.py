@@ -73,8 +73,13 @@ def parse_drive_option(text: str, unit: int) -> FlashSpec:
     path = options.pop("file", None)
     if not path:
         raise ConfigError(f"bad -drive {text!r}: file= is required")
-    unit = int(options.pop("unit", unit))
-    readonly = options.pop("readonly", "off") in ("on", "true", "yes")
+    from leanvm.layout.region import parse_switch
+
+    unit_text = options.pop("unit", str(unit))
+    if not unit_text.isdigit():
+        raise ConfigError(f"bad -drive {text!r}: unit={unit_text!r} is not a number (0 or 1)")
+    unit = int(unit_text)
+    readonly = parse_switch("-drive readonly", options.pop("readonly", "off"))
     if options:
         raise ConfigError(f"bad -drive option {next(iter(options))!r} in {text!r}")
     if unit not in (0, 1):
@@ -114,19 +119,24 @@ class FlashBank:
         self.geometry = geometry
         self.name = f"flash{index}"
         writable = spec.mode != "readonly"
-        if spec.mode == "persistent":
-            journal.recover(spec.path)  # finish or drop a write group a crash interrupted
-        fd = os.open(spec.path, os.O_RDONLY)
+        fd = _open_image(spec.path, os.O_RDONLY, "read the flash image")
+        self._fd: int | None = None
         try:
+            if spec.mode == "persistent":  # decided now, not at the guest's first write
+                self._fd = _open_store(spec.path)
+                journal.recover(spec.path)  # finish or drop a write group a crash interrupted
             extents = [(e.offset, e.length) for e in data_extents(fd, image_size)]
+            mapping = map_flash_bank(size, str(spec.path), image_size, writable=writable,
+                                     data_extents=extents)
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+            raise
         finally:
             os.close(fd)
-        mapping = map_flash_bank(size, str(spec.path), image_size, writable=writable,
-                                 data_extents=extents)
         self.region = GuestRegion(self.name, base, mapping, RegionKind.ROM, readonly=True)
         self.dirty: set[int] = set()
         self.flushes = 0
-        self._fd = os.open(spec.path, os.O_WRONLY) if spec.mode == "persistent" else None
         self.device = CfiFlash(self.region.view, geometry, image_size=image_size,
                                writable=writable, on_romd=self._on_romd, on_write=self._on_write)
         self.memslots: Memslots | None = None
@@ -162,6 +172,27 @@ class FlashBank:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _open_image(path: Path, flags: int, what: str) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot {what} ({exc.strerror})") from None
+
+
+def _open_store(path: Path) -> int:
+    """A write fd for a persistent store, once it is certain that writes can be kept: the
+    file is writable and so is its directory (the journal lives beside it)."""
+    fd = _open_image(path, os.O_WRONLY, "write the variable store (use mode=ephemeral to "
+                     "run without keeping changes)")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        os.close(fd)
+        raise ConfigError(f"{path}: cannot keep changes: its directory {directory} is not "
+                          "writable (the write journal goes there; use mode=ephemeral to "
+                          "run without keeping changes)")
+    return fd
 
 
 def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
