@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leanvm.trace.files import Loaded
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,12 +28,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     diff.set_defaults(handler=handle_diff)
 
 
+def _load(path: Path) -> "Loaded":
+    """The trace in ``path``; a note on stderr names the events it holds that leanvm does not
+    show (a trace from another tool: counters, flows, ...)."""
+    import json
+
+    from leanvm.trace.files import load_trace
+
+    loaded = load_trace(path)
+    if loaded.skipped:
+        count = sum(loaded.skipped.values())
+        kinds = ", ".join(f"{json.dumps(kind)[:12]} x{n}" for kind, n in loaded.skipped.items())
+        print(f"leanvm: note: {path}: skipped {count} event{'s' if count != 1 else ''} "
+              f"leanvm does not show (by \"ph\": {kinds})", file=sys.stderr)
+    return loaded
+
+
 def handle_show(args: argparse.Namespace) -> int:
     from leanvm.errors import ConfigError
-    from leanvm.trace.files import read_trace
     from leanvm.trace.render import svg, table
 
-    events, origin = read_trace(args.file)
+    events, origin, _ = _load(args.file)
     sys.stdout.write(table(events, origin, everything=args.all))
     if args.svg:
         try:
@@ -40,10 +59,9 @@ def handle_show(args: argparse.Namespace) -> int:
 
 
 def handle_diff(args: argparse.Namespace) -> int:
-    from leanvm.trace.files import read_trace
     from leanvm.trace.render import diff
 
-    a, origin_a = read_trace(args.a)
-    b, origin_b = read_trace(args.b)
+    a, origin_a, _ = _load(args.a)
+    b, origin_b, _ = _load(args.b)
     sys.stdout.write(diff(a, origin_a, b, origin_b))
     return 0
