@@ -13,18 +13,30 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("trace", help="show or compare saved boot timelines",
-                            description=__doc__.splitlines()[0])
+    parser = sub.add_parser(
+        "trace", help="show or compare saved boot timelines",
+        description="Show a saved boot timeline (written by `leanvm run --trace FILE`) as a "
+                    "table or an SVG chart, or compare two boots phase by phase. Files may be "
+                    "leanvm's JSON lines or Trace Event Format JSON, from leanvm or another "
+                    "tool.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    show = verbs.add_parser("show", help="print a trace as a timeline table (or draw it)")
-    show.add_argument("file", type=Path)
-    show.add_argument("--svg", type=Path, metavar="OUT", help="also draw the phases as SVG")
+    show = verbs.add_parser(
+        "show", help="print a trace as a timeline table (or draw it)",
+        description="Print a trace as a table: seconds since the process start, the delta "
+                    "from the row before, the category and the phase. With --svg, also draw "
+                    "it: phases as bars, console lines and RIP samples as tracks of their own.")
+    show.add_argument("file", type=Path, help="a trace file (JSON lines or trace-event JSON)")
+    show.add_argument("--svg", type=Path, metavar="OUT",
+                      help="also draw the timeline as an SVG file")
     show.add_argument("--all", action="store_true",
-                      help="include every console line and fw_cfg read")
+                      help="include every console line, fw_cfg read and RIP sample in the table")
     show.set_defaults(handler=handle_show)
-    diff = verbs.add_parser("diff", help="compare two boots phase by phase")
-    diff.add_argument("a", type=Path)
-    diff.add_argument("b", type=Path)
+    diff = verbs.add_parser(
+        "diff", help="compare two boots phase by phase",
+        description="Line up two boots phase by phase (phases matched by name, in order) and "
+                    "print when each happened in A and B, and B - A in milliseconds.")
+    diff.add_argument("a", type=Path, help="the first trace file")
+    diff.add_argument("b", type=Path, help="the trace file to compare with it")
     diff.set_defaults(handler=handle_diff)
 
 
