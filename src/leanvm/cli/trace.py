@@ -64,7 +64,7 @@ def handle_show(args: argparse.Namespace) -> int:
     sys.stdout.write(table(events, origin, everything=args.all))
     if args.svg:
         try:
-            args.svg.write_text(svg(events, origin))
+            args.svg.write_text(svg(events, origin), encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{args.svg}: cannot write the SVG ({exc.strerror})") from None
     return 0
