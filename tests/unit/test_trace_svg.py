@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -154,8 +155,7 @@ def test_rip_samples_make_a_track_per_vcpu_coloured_by_function() -> None:
     assert marks and len(marks) <= 2 * (960 - LEFT - RIGHT)  # binned by pixel, not one each
     assert sample_counts(marks) == len(samples)
     legend = [g for g in groups(root, "legend") if g.get("data-legend") == "function"]
-    ranked = [name for name, _ in __import__("collections").Counter(
-        e.name for e in samples).most_common()]
+    ranked = [name for name, _ in Counter(e.name for e in samples).most_common()]
     assert [g.get("data-key") for g in legend] == ranked[:len(FUNCTION_COLOURS)] + [""]
     colours = {g.find(f"{NS}rect").get("fill") for g in legend}  # type: ignore[union-attr]
     assert {m.find(f"{NS}rect").get("fill") for m in marks} <= colours  # type: ignore[union-attr]
