@@ -10,7 +10,9 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("initrd", help="build or list an initramfs (newc cpio)",
-                            description=__doc__.splitlines()[0])
+                            description="Build an uncompressed initramfs (busybox, probes, an "
+                                        "/init that powers off) or list what an initramfs "
+                                        "holds.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     build = verbs.add_parser(
         "build", help="write an initramfs: static busybox and an /init that powers off",

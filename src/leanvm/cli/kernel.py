@@ -11,7 +11,10 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("kernel", help="inspect a Linux kernel or extract its vmlinux",
-                            description=__doc__.splitlines()[0])
+                            description="Extract the ELF vmlinux inside a bzImage, decompressed "
+                                        "on the host (what `leanvm run -kernel` boots through "
+                                        "PVH), or print a kernel's setup header, payload "
+                                        "format and PVH entry.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     extract = verbs.add_parser("extract", help="decompress a bzImage's payload to an ELF file")
     extract.add_argument("bzimage", type=Path)
