@@ -6,13 +6,22 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("flash", help="inspect or unpad firmware flash images")
+    parser = sub.add_parser("flash", help="inspect or unpad firmware flash images",
+                            description="Inspect a firmware flash image (what it holds and "
+                                        "what it costs a VM) or write a sparse copy of it.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    inspect = verbs.add_parser("inspect", help="extents, zero and 0xff runs, UEFI volumes, cost")
+    inspect = verbs.add_parser("inspect", help="extents, zero and 0xff runs, UEFI volumes, cost",
+                               description="Show a flash image's data extents on disk, its "
+                                           "runs of zero and 0xff bytes, its UEFI firmware "
+                                           "volumes, and the host memory a VM booting it "
+                                           "costs in leanvm.")
     inspect.add_argument("image")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(handler=handle_inspect)
-    unpad = verbs.add_parser("unpad", help="write a sparse copy: holes where the image is zero")
+    unpad = verbs.add_parser("unpad", help="write a sparse copy: holes where the image is zero",
+                             description="Copy IMAGE to OUT leaving holes where it is zero, "
+                                         "so the copy takes disk space only for its content. "
+                                         "OUT is written whole or not at all.")
     unpad.add_argument("image")
     unpad.add_argument("out")
     unpad.set_defaults(handler=handle_unpad)

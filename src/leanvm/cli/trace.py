@@ -57,16 +57,14 @@ def _load(path: Path) -> "Loaded":
 
 
 def handle_show(args: argparse.Namespace) -> int:
-    from leanvm.errors import ConfigError
     from leanvm.trace.render import svg, table
 
     events, origin, _ = _load(args.file)
     sys.stdout.write(table(events, origin, everything=args.all))
     if args.svg:
-        try:
-            args.svg.write_text(svg(events, origin), encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{args.svg}: cannot write the SVG ({exc.strerror})") from None
+        from leanvm.fileio import write_atomic
+
+        write_atomic(args.svg, svg(events, origin).encode("utf-8"), "SVG")
     return 0
 
 

@@ -6,7 +6,10 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("version", help="print the version and the host's KVM capabilities")
+    parser = sub.add_parser("version", help="print the version and the host's KVM capabilities",
+                            description="Print leanvm's version, the host's KVM API version "
+                                        "and capabilities (of LEANVM_KVM_DEVICE if set, else "
+                                        "/dev/kvm), and what this host's KVM cannot emulate.")
     parser.set_defaults(handler=handle)
 
 

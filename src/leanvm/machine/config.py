@@ -133,6 +133,7 @@ class MachineConfig:
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
                  symbols: Path | str | None = None, name: str = "") -> None:
+        given = memory
         if isinstance(memory, str):
             option = parse_memory_option(memory)
             memory = option.size
@@ -143,8 +144,8 @@ class MachineConfig:
         if isinstance(memory, bool) or not isinstance(memory, int):
             raise ConfigError(f"bad memory size {memory!r}: expected bytes or a size such as 512M")
         if not MIN_MEMORY <= memory <= MAX_MEMORY:
-            raise ConfigError(f"memory size {_size_text(memory)} is out of range: expected 2M "
-                              "to 1T")
+            shown = f"{given.split(',')[0]!r}" if isinstance(given, str) else _size_text(memory)
+            raise ConfigError(f"memory size {shown} is out of range: expected 2M to 1T")
         if memory % PAGE:
             raise ConfigError(f"memory size {memory} bytes is not a multiple of 4K")
         self.memory: int = memory

@@ -43,6 +43,7 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     ram = [(r.base, r.size) for r in plan.enabled() if r.name.startswith("ram")]
     reserved = [(r.base, r.size) for r in plan.enabled() if r.name == "kvm-private"]
     e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
+    check_cmdline(cmdline, kernel, str(config.kernel))
     started = time.monotonic_ns()
     elf, elf_file, note, decompress_ms, cached, saved = kernel_elf(config, kernel)
     initrd, initrd_file, initrd_note = unpacked_initrd(config, initrd, low_end)
@@ -77,6 +78,27 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
         tracer.span("vmm", "load kernel", started, time.monotonic_ns(), args)
     return DirectBoot(loaded, mode, f"{mode}{note}; {placed}{initrd_note}", decompress_ms,
                       cached, span, saved)
+
+
+ELF_CMDLINE_MAX = 2047  # x86 Linux's COMMAND_LINE_SIZE (2048) less the NUL
+
+
+def check_cmdline(cmdline: str, kernel: Any, path: str) -> None:
+    """The command line must fit what the kernel takes: a bzImage says in its setup header
+    (cmdline_size, protocol 2.06+), whichever way it is entered; a bare ELF vmlinux takes
+    x86's COMMAND_LINE_SIZE."""
+    from leanvm.loader.bzimage import HEADER_END, is_bzimage, parse_setup_header
+
+    encoded = cmdline.encode()
+    limit = ELF_CMDLINE_MAX
+    head = bytes(kernel[:HEADER_END])
+    if is_bzimage(head):
+        limit = parse_setup_header(head, path, len(kernel)).cmdline_size
+    if b"\0" in encoded:
+        raise ImageError("kernel command line contains a NUL byte")
+    if len(encoded) > limit:
+        raise ImageError(f"kernel command line is {len(encoded)} bytes; {path} accepts at "
+                         f"most {limit}")
 
 
 def unpacked_initrd(config: "MachineConfig", initrd: Any,

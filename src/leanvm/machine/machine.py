@@ -332,7 +332,7 @@ class Machine:
 
     def _entry_trap(self, entry: int) -> "EntryTrap":
         """Arm the kernel-entry trap once firmware has read the setup block."""
-        from leanvm.devices.fw_cfg import SETUP_DATA, Transfer
+        from leanvm.devices.fw_cfg import SETUP_DATA
         from leanvm.machine.entry_trap import EntryTrap
 
         mmio = self.platform.mmio

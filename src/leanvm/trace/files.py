@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,15 +32,9 @@ def write_trace(path: Path, events: list[Event], origin: int, dropped: int = 0) 
     """Write-then-rename, so a reader never sees half a trace."""
     text = (_chrome(events, origin, dropped) if path.suffix == ".json"
             else _jsonl(events, origin, dropped))
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the trace ({exc.strerror})") from None
+    from leanvm.fileio import write_atomic
+
+    write_atomic(path, text.encode(), "trace")
 
 
 def _jsonl(events: list[Event], origin: int, dropped: int) -> str:
