@@ -63,3 +63,39 @@ def test_serial_to_a_file(guest, tmp_path: Path) -> None:
     done = leanvm("run", "--guest", str(guest("hello")), "-serial", f"file:{out}", "-q")
     assert done.returncode == 0 and done.stdout == ""
     assert "hello from a bare guest" in out.read_text()
+
+
+def stat_fields(data: object, prefix: str = "") -> set[str]:
+    """'a', 'a.b', 'list[].c' for every field of a stats object (not inside memmap, whose
+    properties are the machine's own, nor inside name->count tables)."""
+    fields = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}{key}"
+            fields.add(name)
+            if key not in ("properties", "counts", "exceptions"):
+                fields |= stat_fields(value, name + ".")
+    elif isinstance(data, list) and data and isinstance(data[0], dict):
+        fields |= stat_fields(data[0], prefix[:-1] + "[].")
+    return fields
+
+
+def test_docs_stats_md_names_every_field_and_the_api_gives_the_same(guest, tmp_path: Path
+                                                                    ) -> None:
+    import re
+
+    from leanvm.machine.machine import Machine
+
+    stats = tmp_path / "stats.json"
+    done = leanvm("run", "--guest", str(guest("hello")), "--sample-rip", "20", "-q",
+                  "--stats-json", str(stats), "-name", "doc-check")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(stats.read_text())
+    assert figures["schema"] == 1 and figures["name"] == "doc-check"
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "stats.md").read_text()
+    documented = set(re.findall(r"`([a-z_][a-z_.\[\]]*)`", doc))
+    missing = stat_fields(figures) - documented
+    assert not missing, f"fields not in docs/stats.md: {sorted(missing)}"
+    with Machine(memory="128M", guest=guest("hello"), sample_hz=20, name="doc-check") as vm:
+        api = vm.run(timeout=30).stats()
+    assert stat_fields(api) == stat_fields(figures)
