@@ -296,7 +296,7 @@ MEMMAP_VALUES = [
     (["--machine", "bogus"], "bogus"), (["--machine", "virt-1.0"], "virt-1.0"),
     (["-m", "abc"], "abc"), (["--pa-bits", "0"], "0"), (["--pa-bits", "99"], "99"),
     (["--set", "x"], "'x'"), (["--machine", "virt", "--set", "highmem=perhaps"], "perhaps"),
-    (["--set", "highmem=off"], "highmem"), (["--machine", "virt", "-m", "1T"], "1T"),
+    (["--set", "highmem=off"], "highmem"), (["--machine", "virt", "-m", "1T"], "40 bits"),
 ]
 
 

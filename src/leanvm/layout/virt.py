@@ -100,13 +100,6 @@ def virt_defaults(version: VirtVersion) -> dict[str, str]:
     }
 
 
-def _gib(size: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30)):
-        if size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
-    return f"{size} bytes"
-
-
 def plan_virt_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0,
                      pa_bits: int | None = None, machine: str = "virt",
                      settings: dict[str, str] | None = None) -> MemoryMap:
@@ -142,8 +135,7 @@ def plan_virt_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0
     memtop = device_memory_base + round_up(device_memory_size, GiB)
     if memtop > limit:
         raise ConfigError(f"Addressing limited to {pa_bits} bits, but memory exceeds it by "
-                          f"{memtop - limit} bytes (QEMU's words; RAM {_gib(ram_size)} and "
-                          f"maxmem {_gib(maxram)} from 1G, with {slots} slots)")
+                          f"{memtop - limit} bytes")
     if memtop >= 1 << 64:
         raise ConfigError("maxmem/slots too huge")
     base = max(memtop, RAM_BASE + LEGACY_RAMLIMIT)
