@@ -132,3 +132,34 @@ def test_sigterm_and_sighup_stop_cleanly_with_summary_stats_and_trace(
     figures = json.loads(stats.read_text())
     assert figures["reason"] == "interrupted" and figures["exit_code"] == 128 + signum
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_every_vcpu_is_sampled(guest) -> None:
+    with Machine(memory="32M", guest=guest("spin"), smp=2, sample_hz=100) as vm:
+        result = vm.run(timeout=1.5)
+        sampler = vm.sampler
+    assert result.reason is StopReason.TIMEOUT and sampler is not None
+    assert set(sampler.sample_vcpus) == {0, 1}, sampler.sample_vcpus[:20]
+    ap_rips = {rip for (_, rip), index in zip(sampler.samples, sampler.sample_vcpus) if index}
+    assert ap_rips  # the AP, waiting for its start-up IPI, is sampled where it waits
+
+
+def test_a_device_over_guest_ram_is_refused_but_over_rom_allowed(guest) -> None:
+    from leanvm.errors import ConfigError
+    from leanvm.memory.host import map_anonymous
+
+    class Device:
+        def read(self, offset: int, size: int) -> int:
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    with Machine(memory="32M", guest=guest("hello")) as vm:
+        with pytest.raises(ConfigError, match="overlaps guest memory ram-low"):
+            vm.add_mmio_device(0x100000, 0x1000, Device(), "over-ram")
+        vm.add_region("rom", 0xC000_0000, map_anonymous(0x1000), readonly=True)
+        vm.add_mmio_device(0xC000_0000, 0x1000, Device(), "rom-writes")  # writes reach it
+        vm.add_mmio_device(0xD000_0000, 0x1000, Device(), "plain")
+        with pytest.raises(ConfigError, match="overlaps device plain"):
+            vm.add_region("ram-over-device", 0xD000_0000, map_anonymous(0x1000))
