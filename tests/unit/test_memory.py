@@ -133,10 +133,12 @@ def test_missing_file_names_the_file(tmp_path) -> None:
 
 def test_page_cache_pages_are_not_private_even_when_mapped_once(tmp_path) -> None:
     image = tmp_path / "image"
-    image.write_bytes(os.urandom(4 * PAGE_SIZE))
+    data = os.urandom(4 * PAGE_SIZE)
+    image.write_bytes(data)
     mapping = map_file(str(image), 4 * PAGE_SIZE, writable=True, shared=False)
     view = mapping.view()
-    assert sum(view[i * PAGE_SIZE] for i in range(4)) >= 0  # fault every page in
+    for i in range(4):  # fault every page in, and see the file's bytes there
+        assert view[i * PAGE_SIZE] == data[i * PAGE_SIZE]
     (item,) = measure([("f", mapping.address, mapping.size)])
     assert (item.resident, item.private) == (4 * PAGE_SIZE, 0)
     view[0:1] = b"x"  # copy-on-write: this page is now the VM's own
@@ -165,8 +167,45 @@ def test_flash_bank_holes_read_as_zero_and_cost_nothing(tmp_path) -> None:
     assert bytes(view[64 * PAGE_SIZE:]) == b"\xff" * (64 * PAGE_SIZE)  # erased tail
     (item,) = measure([("bank", bank.address, bank.size)])
     assert item.private == 0  # zero page, page cache, shared erased file: nothing of its own
+    # The holes read as zero without being backed: each hole page is either not present or
+    # the kernel's one shared zero page (not a page-cache page of the file's hole).
+    hole = pagemap_entries(bank.address + PAGE_SIZE, 63)
+    zero_pfn = shared_zero_pfn()
+    for entry in hole:
+        assert not entry & PM_PRESENT or (entry & PFN_MASK == zero_pfn
+                                          and not entry & PM_FILE_OR_SHARED_ANON), hex(entry)
+    assert os.stat(image).st_blocks * 512 <= 2 * PAGE_SIZE  # and the file gained no blocks
     view.release()
     bank.unmap()
+
+
+PM_PRESENT, PM_FILE_OR_SHARED_ANON, PFN_MASK = 1 << 63, 1 << 61, (1 << 55) - 1
+
+
+def pagemap_entries(address: int, pages: int) -> list[int]:
+    import struct
+
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(address // PAGE_SIZE * 8)
+        return list(struct.unpack(f"<{pages}Q", pagemap.read(8 * pages)))
+
+
+def shared_zero_pfn() -> int:
+    """The page frame a read of untouched anonymous memory maps: the shared zero page."""
+    from leanvm.memory.host import map_anonymous
+
+    probe = map_anonymous(PAGE_SIZE)
+    view = probe.view()
+    try:
+        assert view[0] == 0  # a read fault maps the zero page
+        (entry,) = pagemap_entries(probe.address, 1)
+    finally:
+        view.release()
+        probe.unmap()
+    pfn = entry & PFN_MASK
+    if not entry & PM_PRESENT or pfn == 0:
+        pytest.skip("pagemap hides page frame numbers from this user (needs CAP_SYS_ADMIN)")
+    return pfn
 
 
 def test_process_and_mapping_memory_see_touched_pages(tmp_path) -> None:

@@ -4,6 +4,7 @@ text table, the SVG chart and the diff; the probe device under random traffic.""
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -53,8 +54,11 @@ def test_lines_mark_each_phase_once() -> None:
 def test_boot_trace_stamps_lines_at_their_first_byte() -> None:
     tracer = Tracer(True)
     boot = BootTrace(tracer, {7: "seven"})
+    before = time.monotonic_ns()
     boot.debugcon(b"Seabios")
-    started = tracer.events == [] and True
+    started = tracer.events == []  # nothing is recorded until the line ends
+    time.sleep(0.01)
+    middle = time.monotonic_ns()
     boot.debugcon(b"x\n")
     boot.serial(b"[    0.000000] Linux version 6.1\r\n")
     boot.probe(7, (1,))
@@ -66,6 +70,8 @@ def test_boot_trace_stamps_lines_at_their_first_byte() -> None:
     banner = [e for e in tracer.events if e.name == "kernel banner"][0]
     line = [e for e in tracer.events if e.cat == "console"][0]
     assert banner.ts == line.ts and line.name == "[    0.000000] Linux version 6.1"
+    firmware = [e for e in tracer.events if e.name == "Seabiosx"][0]
+    assert before <= firmware.ts < middle  # stamped at its first byte, not at its newline
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
