@@ -40,7 +40,7 @@ COMPRESS = {
     "gzip": lambda d: gzip.compress(d, mtime=0),
     "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
     "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
-    "lz4": lambda d: lz4_legacy(d)[:-4],  # no appended size in an initramfs
+    "lz4": lz4_legacy,  # lz4 -l: no size appended in an initramfs
 }
 
 

@@ -56,7 +56,7 @@ def _cpio_end(data: memoryview, at: int, path: str) -> int:
 def members(data: "bytes | memoryview", path: str) -> list[tuple[str, bytes | memoryview]]:
     """The initramfs's members as (format, bytes): "cpio" members as they are, compressed
     ones decompressed. ImageError if a member is neither."""
-    from leanvm.loader.decompress import MAGICS, decompress_stream
+    from leanvm.loader.compression import MAGICS, decompress_stream
 
     view = memoryview(data)
     found: list[tuple[str, bytes | memoryview]] = []
