@@ -152,11 +152,13 @@ def test_add_host_tree(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("data,message", [
-    (b"", f"no {TRAILER}"),
-    (b"070702" + b"0" * 200, "not a newc cpio archive at offset 0"),
-    (b"070701" + b"0" * 20, "truncated header"),
-    (b"070701" + b"G" * 104, "bad hex field"),
-    (b"\x1f\x8b\x08\x00garbage", "bad gzip data"),
+    (b"", "test.cpio: no cpio archive in it"),
+    (b"070702" + b"0" * 200, "test.cpio: cpio entry at offset 0x0 has a name size of 0"),
+    (b"070701" + b"0" * 20, "test.cpio: truncated cpio header at offset 0x0"),
+    (b"070701" + b"G" * 104, "test.cpio: bad hex field"),
+    (b"070701" + b"-0000001" * 13, "test.cpio: bad hex field"),  # int() would take these
+    (b"070707" + b"0" * 200, "the old portable format"),
+    (b"\x1f\x8b\x08\x00garbage", "test.cpio: the gzip member at byte 0x0 is cut short"),
 ])
 def test_reader_rejects_damaged_archives(data: bytes, message: str) -> None:
     with pytest.raises(ImageError, match=re.escape(message)):
@@ -309,7 +311,8 @@ def test_cli_build_and_list(tmp_path: Path) -> None:
     (["initrd", "build", "/tmp/x.cpio", "--busybox", "/nonexistent/bb"],
      "/nonexistent/bb: no busybox there"),
     (["initrd", "list", "/nonexistent/i.cpio"], "no such initramfs file"),
-    (["initrd", "list", "/etc/hostname"], "not a newc cpio archive"),
+    (["initrd", "list", "/etc/hostname"],
+     "/etc/hostname: byte 0x0 starts neither a cpio archive nor a compressed stream"),
 ])
 def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
     done = leanvm(*args)
