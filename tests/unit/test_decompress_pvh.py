@@ -4,6 +4,7 @@ test_lzop.py; damaged payloads in test_decompress_fuzz.py) and the PVH loader.""
 from __future__ import annotations
 
 import bz2
+import glob
 import gzip
 import lzma
 import re
@@ -266,3 +267,46 @@ def test_guest_decompression_is_recorded_and_reported(tmp_path: Path, monkeypatc
     (tmp_path / "kernels" / f"guest-decompression-{digest[:32]}.json").write_text("{junk")
     assert guest_decompression_seconds(digest) is None  # a damaged record is ignored
 
+
+def leanvm(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "leanvm", *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def kernel_files(tmp_path: Path) -> list[Path]:
+    """A synthetic xz bzImage, and Debian's LZ4 kernel when it is installed."""
+    made = tmp_path / "bzImage"
+    made.write_bytes(with_payload(COMPRESSORS["xz"](ELF)))
+    return [made] + [Path(p) for p in sorted(glob.glob("/boot/vmlinuz-*-cloud-amd64"))[-1:]]
+
+
+def test_kernel_info_and_extract_report_the_same_figures(tmp_path: Path) -> None:
+    for kernel in kernel_files(tmp_path):
+        found = read_payload(kernel.read_bytes(), str(kernel))
+        figures = (f"{found.kind} payload: {len(found.body)} bytes compressed, "
+                   f"{found.declared} bytes uncompressed (declared)")
+        info = leanvm("kernel", "info", str(kernel))
+        assert info.returncode == 0 and f"\n  {figures}\n" in info.stdout, info.stdout
+        out = tmp_path / "vmlinux"
+        done = leanvm("kernel", "extract", str(kernel), str(out))
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        written = out.stat().st_size
+        assert len(lines) == 2 and lines[0] == f"{kernel}: {figures}"
+        assert lines[1].startswith(f"{out}: {written} bytes of ELF vmlinux written")
+        assert written == found.declared
+
+
+def test_kernel_extract_of_a_corrupt_payload_writes_nothing(tmp_path: Path) -> None:
+    elf = make_elf(bytes(range(256)) * (33 * 1024 + 7))
+    body = COMPRESSORS["lz4"](elf)
+    first = struct.unpack_from("<I", body, 4)[0]
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(with_payload(body[:8 + first] + body[-4:]))  # the last block lost
+    out = tmp_path / "vmlinux"
+    done = leanvm("kernel", "extract", str(kernel), str(out))
+    assert done.returncode == 2 and not out.exists() and not done.stdout
+    assert done.stderr == (f"leanvm: error: {kernel}: the lz4 payload decompresses to 8388608 "
+                           f"bytes, but its last 4 bytes declare {len(elf)}\n")
