@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import glob
+import re
 import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 from leanvm.errors import ImageError
 from leanvm.loader.bzimage import parse_setup_header
@@ -68,13 +69,82 @@ def test_malformed_headers_are_named(mutate, message: str) -> None:
         parse_setup_header(mutate(make_bzimage()), "k.img")
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(min_size=0, max_size=4096))
-def test_random_bytes_never_crash_the_parser(data: bytes) -> None:
+# Setup-header fields (Documentation/arch/x86/boot.rst): (offset, size) of the ones the
+# loaders read, plus the signature, the boot flag and the protocol version.
+HEADER_FIELDS = [(0x1F1, 1), (0x1F4, 4), (0x1FE, 2), (0x202, 4), (0x206, 2), (0x20E, 2),
+                 (0x211, 1), (0x214, 4), (0x22C, 4), (0x230, 4), (0x234, 1), (0x236, 2),
+                 (0x238, 4), (0x248, 4), (0x24C, 4), (0x258, 8), (0x260, 4)]
+
+
+@st.composite
+def mutated_bzimages(draw: st.DrawFn) -> bytes:
+    """A valid bzImage (random protocol, setup size, kernel, a payload of a known format),
+    then a few header fields set to random or edge values, and perhaps cut short."""
+    kernel = draw(st.binary(min_size=0, max_size=600))
+    body = draw(st.sampled_from([b"", b"\x1f\x8b\x08\x00" + bytes(12), b"BZh9" + bytes(8),
+                                 b"\x02\x21\x4c\x18" + bytes(8)]))
+    image = bytearray(make_bzimage(
+        protocol=draw(st.sampled_from([0x200, 0x201, 0x202, 0x204, 0x208, 0x20A, 0x20C,
+                                       0x20F])),
+        setup_sects=draw(st.integers(1, 6)), loadflags=draw(st.integers(0, 255)),
+        kernel=kernel + body, xloadflags=draw(st.integers(0, 3))))
+    struct.pack_into("<II", image, 0x248, len(kernel), len(body))
+    for _ in range(draw(st.integers(0, 4))):
+        offset, size = draw(st.sampled_from(HEADER_FIELDS))
+        top = (1 << (8 * size)) - 1
+        value = draw(st.one_of(st.integers(0, top), st.sampled_from([0, 1, top, top >> 1])))
+        image[offset:offset + size] = value.to_bytes(size, "little")
+    if draw(st.integers(0, 3)) == 0:  # cut short, mostly near the end
+        end = len(image)
+        del image[draw(st.one_of(st.integers(max(0, end - 64), end), st.integers(0, end))):]
+    return bytes(image)
+
+
+def named_one_line(error: ImageError, path: str) -> None:
+    text = str(error)
+    assert text.startswith(f"{path}: ") and "\n" not in text, text
+    assert "Error" not in text.replace("ImageError", "") and "Traceback" not in text, text
+
+
+@settings(max_examples=400, deadline=None)
+@given(mutated_bzimages())
+def test_mutated_headers_are_read_in_bounds_or_refused_by_name(data: bytes) -> None:
+    from leanvm.loader.decompress import read_payload
+
     try:
-        parse_setup_header(data, "random")
-    except ImageError:
-        pass
+        header = parse_setup_header(data, "k.img")
+    except ImageError as exc:
+        named_one_line(exc, "k.img")
+        event(f"header refused: {re.sub('[0-9]+', 'N', str(exc).split(': ', 1)[1][:24])}")
+        return
+    event("header read")
+    assert data[0x202:0x206] == b"HdrS" and data[0x1FE:0x200] == b"\x55\xaa"
+    assert header.protocol >= 0x200 and len(data) >= 0x280
+    assert header.setup_size < len(data)  # some protected-mode code follows the setup
+    assert header.setup_size + header.syssize * 16 <= len(data) + 15
+    assert header.version in ("", header.version)  # decoded text, never a crash
+    try:
+        found = read_payload(data, "k.img")
+    except ImageError as exc:
+        named_one_line(exc, "k.img")
+        event("payload refused")
+    else:
+        event("payload found")
+        start = header.setup_size + header.payload_offset
+        assert len(found.body) == header.payload_length and start + len(found.body) <= len(data)
+        assert bytes(found.body) == data[start:start + header.payload_length]
+    try:
+        planned = plan_firmware_kernel(data, "k.img", b"I" * 4096, "i.img", "console=ttyS0",
+                                       64 * MiB)
+    except ImageError as exc:
+        assert str(exc).split(": ", 1)[0] in ("k.img", "i.img"), str(exc)
+        named_one_line(exc, str(exc).split(": ", 1)[0])
+    else:
+        assert len(planned.setup) == header.setup_size
+        assert planned.kernel_addr + len(planned.kernel) <= 64 * MiB
+        kernel_end = planned.kernel_addr + max(len(planned.kernel), header.init_size)
+        assert kernel_end <= planned.initrd_addr
+        assert planned.initrd_addr + 4096 <= 64 * MiB - FIRMWARE_RESERVE
 
 
 def test_layout_of_a_modern_kernel_matches_qemu() -> None:
@@ -115,8 +185,8 @@ def test_old_protocols_use_the_low_layout() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"cmdline": "x" * 300, "image": make_bzimage(cmdline_size=255)},
-     "kernel command line is 300 bytes; k accepts at most 255"),
-    ({"cmdline": "a\0b"}, "NUL byte"),
+     "k: the kernel command line is 300 bytes; this kernel accepts at most 255"),
+    ({"cmdline": "a\0b"}, "k: the kernel command line contains a NUL byte"),
     ({"initrd": b"i" * (63 * MiB), "ram": 64 * MiB}, "i: initrd of 66060288 bytes does not fit"),
     ({"image": make_bzimage(kernel=bytes(20 * MiB)), "ram": 16 * MiB},
      "does not fit in 16 MiB of RAM"),

@@ -7,6 +7,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leanvm.loader.decompress import Payload
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,16 +35,22 @@ def _read(path: Path) -> bytes:
     return bytes(map_readonly(path, "kernel"))  # one-line errors naming the file
 
 
+def _payload_figures(found: "Payload") -> str:
+    """The payload's figures, named the same way by `info` and `extract`."""
+    return (f"{found.kind} payload: {len(found.body)} bytes compressed, {found.declared} "
+            "bytes uncompressed (declared)")
+
+
 def handle_extract(args: argparse.Namespace) -> int:
     import time
 
     from leanvm.errors import ConfigError
-    from leanvm.loader.decompress import extract_vmlinux, payload
+    from leanvm.loader.decompress import extract_vmlinux, read_payload
 
     data = _read(args.bzimage)
-    kind, _ = payload(data, str(args.bzimage))
+    found = read_payload(data, str(args.bzimage))
     started = time.monotonic()
-    elf = extract_vmlinux(data, str(args.bzimage))
+    elf = extract_vmlinux(data, str(args.bzimage))  # every check; nothing written on failure
     took = time.monotonic() - started
     tmp = args.out.with_name(args.out.name + ".tmp")
     try:
@@ -51,15 +61,16 @@ def handle_extract(args: argparse.Namespace) -> int:
         os.replace(tmp, args.out)
     except OSError as exc:
         raise ConfigError(f"{args.out}: cannot write ({exc.strerror})") from None
-    print(f"{args.out}: {len(elf)} bytes of ELF vmlinux from a {kind} payload "
-          f"({len(data)} bytes) in {took * 1000:.0f} ms")
+    print(f"{args.bzimage}: {_payload_figures(found)}")
+    print(f"{args.out}: {len(elf)} bytes of ELF vmlinux written (decompressed in "
+          f"{took * 1000:.0f} ms)")
     return 0
 
 
 def handle_info(args: argparse.Namespace) -> int:
     from leanvm.errors import ImageError
     from leanvm.loader.bzimage import is_bzimage, parse_setup_header
-    from leanvm.loader.decompress import payload
+    from leanvm.loader.decompress import read_payload
     from leanvm.loader.pvh import pvh_entry
 
     data = _read(args.kernel)
@@ -77,8 +88,8 @@ def handle_info(args: argparse.Namespace) -> int:
               f"{'yes' if header.relocatable else 'no'}, init_size {header.init_size}, "
               f"cmdline up to {header.cmdline_size} bytes\n")
     try:
-        kind, body = payload(data, str(args.kernel))
-        out.write(f"  payload: {kind}, {len(body)} bytes\n")
+        found = read_payload(data, str(args.kernel))
+        out.write(f"  {_payload_figures(found)}\n")
     except ImageError as exc:
         out.write(f"  payload: {exc}\n")
     return 0

@@ -5,10 +5,14 @@ protocol 2.08+, offsets from the start of the protected-mode code). The guest wo
 long time decompressing it; leanvm does it once on the host, caches the result by the
 bzImage's content hash, and boots the ELF through PVH (loader/pvh.py).
 
-Formats, by their magic bytes: gzip, bzip2, lzma, xz (standard library), zstd (zstandard),
-LZ4 in the legacy frame the kernel uses (lz4: magic 0x184C2102, then blocks each prefixed by
-their compressed size, the last four bytes of the payload being the uncompressed size), and
-LZO in lzop's container (loader/lzop.py, over the system's liblzo2).
+What the kernel build puts there (arch/x86/boot/compressed/Makefile, scripts/Makefile.lib):
+the compressed vmlinux.bin (plus its relocation table with CONFIG_X86_NEED_RELOCS), then the
+uncompressed size as a little-endian u32. gzip's own trailer ends with that size (ISIZE);
+every other format gets it appended (size_append: bzip2, lzma, xz, lzo, lz4, zstd). So the
+stream must end exactly where the payload does (gzip) or 4 bytes before (the rest), and
+decompress to exactly the declared size; loader/compression.py checks each container's own
+checksums and sizes; the result must be a whole ELF file (headers and segments within it).
+A payload that fails any of this is refused with one line and never reaches the cache.
 """
 
 from __future__ import annotations
@@ -17,22 +21,24 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from leanvm.errors import ImageError
 from leanvm.loader.bzimage import HEADER_END, parse_setup_header
+from leanvm.loader.compression import decompress_stream, sniff
 
-MAGICS = (
-    (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\x5d\x00\x00", "lzma"),
-    (b"\xfd7zXZ\x00", "xz"), (b"\x89LZO", "lzo"), (b"\x02\x21\x4c\x18", "lz4"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-)
-LZ4_LEGACY_BLOCK = 8 << 20
-LZ4_LEGACY_MAGIC = 0x184C2102
-CACHE_VERSION = 1
+SIZE_TRAILER = 4  # the little-endian u32 uncompressed size at the payload's end
+CACHE_VERSION = 2  # 2: entries are written only after the declared size and ELF checks
 
 
-def payload(data: "bytes | memoryview", path: str) -> tuple[str, memoryview]:
-    """(format, compressed bytes) of a bzImage's kernel payload."""
+class Payload(NamedTuple):
+    kind: str  # compression format
+    body: memoryview  # the compressed bytes, size trailer included (payload_length)
+    declared: int  # the uncompressed size the build appended (its last 4 bytes)
+
+
+def read_payload(data: "bytes | memoryview", path: str) -> Payload:
+    """The kernel payload of a bzImage: its format, bytes and declared uncompressed size."""
     view = memoryview(data)
     header = parse_setup_header(bytes(view[:HEADER_END]), path, len(view))
     if header.protocol < 0x208 or not header.payload_length:
@@ -42,92 +48,66 @@ def payload(data: "bytes | memoryview", path: str) -> tuple[str, memoryview]:
     start = header.setup_size + header.payload_offset
     end = start + header.payload_length
     if end > len(view):
-        raise ImageError(f"{path}: payload [{start:#x}, {end:#x}) runs past the file's end")
+        raise ImageError(f"{path}: payload [{start:#x}, {end:#x}) runs past the file's end "
+                         f"({len(view):#x})")
     body = view[start:end]
-    head = bytes(body[:6])
-    for magic, name in MAGICS:
-        if head.startswith(magic):
-            return name, body
-    raise ImageError(f"{path}: unknown payload compression (magic {head.hex()})")
+    kind = sniff(body)
+    if kind is None:
+        raise ImageError(f"{path}: unknown payload compression (magic {bytes(body[:6]).hex()})")
+    if len(body) < 2 * SIZE_TRAILER:
+        raise ImageError(f"{path}: the {kind} payload is {len(body)} bytes: too short to hold "
+                         "a stream and its size")
+    declared = struct.unpack_from("<I", body, len(body) - SIZE_TRAILER)[0]
+    return Payload(kind, body, declared)
 
 
-def decompress(kind: str, body: "bytes | memoryview", path: str) -> bytes:
-    """The first ``kind`` stream in ``body``, decompressed (trailing bytes are ignored: a
-    bzImage appends the uncompressed size)."""
-    return decompress_stream(kind, body, path)[0]
+def payload(data: "bytes | memoryview", path: str) -> tuple[str, memoryview]:
+    """(format, compressed bytes) of a bzImage's kernel payload."""
+    found = read_payload(data, path)
+    return found.kind, found.body
 
 
-def decompress_stream(kind: str, body: "bytes | memoryview", path: str) -> tuple[bytes, int]:
-    """(the first ``kind`` stream in ``body`` decompressed, the bytes of ``body`` it used)."""
+def decompress_payload(kind: str, body: "bytes | memoryview", path: str) -> bytes:
+    """A bzImage payload (stream, then the size trailer unless gzip's own ends it)
+    decompressed, after checking that the stream fills it and yields the declared size."""
+    view = memoryview(body)
+    if len(view) < 2 * SIZE_TRAILER:
+        raise ImageError(f"{path}: the {kind} payload is {len(view)} bytes: too short to hold "
+                         "a stream and its size")
+    declared = struct.unpack_from("<I", view, len(view) - SIZE_TRAILER)[0]
+    stream = view if kind == "gzip" else view[:len(view) - SIZE_TRAILER]
+    out, _ = decompress_stream(kind, stream, path, "payload", whole=True)
+    if len(out) & 0xFFFFFFFF != declared:
+        raise ImageError(f"{path}: the {kind} payload decompresses to {len(out)} bytes, but "
+                         f"its last 4 bytes declare {declared}")
+    return out
+
+
+def check_vmlinux(elf: "bytes | memoryview", path: str, kind: str) -> None:
+    """A decompressed payload must be a whole x86-64 ELF file: its header tables and every
+    segment's file bytes inside it (a relocation table may follow them)."""
+    from leanvm.loader.elf64 import Elf64
+
+    if bytes(elf[:4]) != b"\x7fELF":
+        raise ImageError(f"{path}: the {kind} payload does not hold an ELF kernel")
     try:
-        if kind == "gzip":
-            import zlib
-
-            stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out = stream.decompress(body)
-            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
-        if kind in ("bzip2", "lzma", "xz"):
-            import bz2
-            import lzma
-
-            if kind == "bzip2":
-                stream = bz2.BZ2Decompressor()
-            else:
-                stream = lzma.LZMADecompressor(
-                    format=lzma.FORMAT_ALONE if kind == "lzma" else lzma.FORMAT_XZ)
-            out = stream.decompress(body)
-            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
-        if kind == "zstd":
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().decompressobj()
-            out = stream.decompress(bytes(body))
-            return out, _used(stream.eof, len(body), stream.unused_data, kind, path)
-        if kind == "lz4":
-            return _lz4_legacy(bytes(body), path)
-        if kind == "lzo":
-            from leanvm.loader.lzop import decompress_lzop
-
-            return decompress_lzop(bytes(body), path)
-    except ImageError:
-        raise
-    except Exception as exc:  # each library has its own error types
-        raise ImageError(f"{path}: corrupt {kind} data ({exc})") from None
-    raise ImageError(f"{path}: {kind}-compressed data: leanvm cannot decompress {kind} on "
-                     "the host (no maintained Python library)")
-
-
-def _used(done: bool, size: int, unused: bytes, kind: str, path: str) -> int:
-    if not done:
-        raise ImageError(f"{path}: the {kind} stream is cut short")
-    return size - len(unused)
-
-
-def _lz4_legacy(body: bytes, path: str) -> tuple[bytes, int]:
-    """The kernel's LZ4 "legacy" frame: magic, then blocks each prefixed by their
-    compressed size; it ends at a size of 0 or one that runs past the data (a bzImage's
-    appended uncompressed size), or at the next frame's magic."""
-    import lz4.block
-
-    out = bytearray()
-    offset = 4
-    while offset + 4 <= len(body):
-        size = struct.unpack_from("<I", body, offset)[0]
-        if size == 0 or size == LZ4_LEGACY_MAGIC or offset + 4 + size > len(body):
-            break
-        block = body[offset + 4:offset + 4 + size]
-        out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
-        offset += 4 + size
-    if not out:
-        raise ImageError(f"{path}: empty LZ4 data")
-    return bytes(out), offset
+        parsed = Elf64(elf, "ELF")
+    except ImageError as exc:
+        raise ImageError(f"{path}: the decompressed {kind} payload is not a whole ELF file "
+                         f"({str(exc).removeprefix('ELF: ')})") from None
+    for index, segment in enumerate(parsed.segments()):
+        if segment.filesz and segment.offset + segment.filesz > len(elf):
+            raise ImageError(f"{path}: the decompressed {kind} payload is not a whole ELF "
+                             f"file: segment {index} [{segment.offset:#x}, "
+                             f"{segment.offset + segment.filesz:#x}) runs past its "
+                             f"{len(elf)} bytes")
 
 
 def extract_vmlinux(data: "bytes | memoryview", path: str) -> bytes:
-    kind, body = payload(data, path)
-    elf = decompress(kind, body, path)
-    if not elf.startswith(b"\x7fELF"):
-        raise ImageError(f"{path}: the {kind} payload does not hold an ELF kernel")
+    """The ELF vmlinux a bzImage carries, decompressed and checked."""
+    found = read_payload(data, path)
+    elf = decompress_payload(found.kind, found.body, path)
+    check_vmlinux(elf, path, found.kind)
     return elf
 
 
@@ -145,11 +125,17 @@ def kernel_digest(data: "bytes | memoryview") -> str:
 def cached_vmlinux(data: "bytes | memoryview", path: str,
                    digest: str | None = None) -> tuple[Path, bool]:
     """(path of the decompressed ELF, whether it came from the cache). The cache key is the
-    bzImage's SHA-256; files are written then renamed, so concurrent VMs never see half."""
+    bzImage's SHA-256; files are written then renamed, so concurrent VMs never see half, and
+    only after every check of extract_vmlinux passed. A cached file whose size is not the
+    size the payload declares is made again."""
     digest = digest or kernel_digest(data)
     target = cache_dir() / f"vmlinux-{digest[:32]}-v{CACHE_VERSION}"
-    if target.is_file():
-        return target, True
+    declared = read_payload(data, path).declared
+    try:
+        if target.is_file() and target.stat().st_size == declared:
+            return target, True
+    except OSError:
+        pass  # gone in between: make it again
     elf = extract_vmlinux(data, path)
     try:
         _write_atomically(target, elf)

@@ -66,10 +66,10 @@ def plan_firmware_kernel(kernel: "bytes | memoryview", kernel_path: str,
 
     encoded = cmdline.encode()
     if b"\0" in encoded:
-        raise ImageError("kernel command line contains a NUL byte")
+        raise ImageError(f"{kernel_path}: the kernel command line contains a NUL byte")
     if len(encoded) > header.cmdline_size:
-        raise ImageError(f"kernel command line is {len(encoded)} bytes; {kernel_path} accepts "
-                         f"at most {header.cmdline_size}")
+        raise ImageError(f"{kernel_path}: the kernel command line is {len(encoded)} bytes; this "
+                         f"kernel accepts at most {header.cmdline_size}")
 
     if protocol >= 0x20C and header.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G:
         initrd_max = 0xFFFFFFFF

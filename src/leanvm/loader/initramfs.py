@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import stat
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -29,8 +28,6 @@ TRAILER = "TRAILER!!!"
 ALIGN = 4
 MAX_NAME = 4096  # the kernel's PATH_MAX; longer names are refused when unpacking
 CONSOLE = (5, 1)  # /dev/console: the kernel opens it for init's fds 0, 1 and 2
-FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
-          "devminor", "rdevmajor", "rdevminor", "namesize", "check")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,62 +200,17 @@ def _append(out: bytearray, name: str, data: bytes, *, ino: int, mode: int, uid:
     _pad(out)
 
 
-def read_newc(data: bytes, where: str = "initramfs") -> list[Entry]:
-    """Entries of an uncompressed newc archive, or of several concatenated ones as the kernel
-    accepts them (zero padding between them is skipped); gzip is unwrapped first. Every
-    length is checked against the buffer: a damaged image is an ImageError naming ``where``."""
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = _gunzip_all(data)
-        except zlib.error as exc:
-            raise ImageError(f"{where}: bad gzip data ({exc})") from None
-    entries: list[Entry] = []
-    pos, ended = 0, False
-    while pos < len(data):
-        if data[pos] == 0:  # padding between concatenated archives
-            pos += 1
-            continue
-        magic = data[pos:pos + 6]
-        if magic != NEWC_MAGIC:
-            raise ImageError(f"{where}: not a newc cpio archive at offset {pos} (magic "
-                             f"{bytes(magic)!r}; expected {NEWC_MAGIC!r}, uncompressed or gzip)")
-        if pos + HEADER_SIZE > len(data):
-            raise ImageError(f"{where}: truncated header at offset {pos}")
-        try:
-            fields = dict(zip(FIELDS, (int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16)
-                                       for i in range(13))))
-        except ValueError:
-            raise ImageError(f"{where}: bad hex field in the header at offset {pos}") from None
-        name_start = pos + HEADER_SIZE
-        name_end = name_start + fields["namesize"]
-        data_start = name_end + (-name_end % ALIGN)
-        data_end = data_start + fields["filesize"]
-        if fields["namesize"] < 1 or data_end > len(data):
-            raise ImageError(f"{where}: entry at offset {pos} runs past the end of the data")
-        name = data[name_start:name_end - 1].decode("utf-8", "surrogateescape")
-        pos = data_end + (-data_end % ALIGN)
-        if name == TRAILER:
-            ended = True
-            continue
-        ended = False
-        entries.append(Entry(name, fields["mode"], bytes(data[data_start:data_end]),
-                             (fields["rdevmajor"], fields["rdevminor"]), fields["uid"],
-                             fields["gid"], fields["mtime"]))
-    if not ended:
-        raise ImageError(f"{where}: no {TRAILER} at the end: the archive is truncated")
-    return entries
+def read_newc(data: "bytes | memoryview", where: str = "initramfs") -> list[Entry]:
+    """Entries of an initramfs as the kernel unpacks it: uncompressed newc archives and
+    compressed members of any format loader/compression.py reads, zero padding between
+    them (loader/initrd.py walks the members, loader/newc.py the archives). Every length
+    and checksum is checked: a damaged image is one ImageError line naming ``where``."""
+    from leanvm.loader.initrd import entries
 
-
-def _gunzip_all(data: bytes) -> bytes:
-    """Concatenated gzip members, as the kernel's unpacker accepts them."""
-    out = bytearray()
-    while data and data[:2] == b"\x1f\x8b":
-        inflater = zlib.decompressobj(wbits=31)
-        out += inflater.decompress(data)
-        if not inflater.eof:
-            raise zlib.error("truncated gzip member")
-        data = inflater.unused_data.lstrip(b"\0")
-    return bytes(out)
+    return [Entry(record.name.decode("utf-8", "surrogateescape"), record.mode,
+                  bytes(member.data[record.start:record.end]), record.rdev, record.uid,
+                  record.gid, record.mtime)
+            for member, record in entries(data, where)]
 
 
 # --- leanvm's default image: busybox, an /init that marks the timeline, then powers off ---

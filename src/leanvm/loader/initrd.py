@@ -7,8 +7,13 @@ a minute or more on a host that emulates kernel code (SPECS.md: 67 s for a gzip 
 leanvm writes the same members uncompressed, once per initrd content, into its cache; the
 guest then only copies files out of the archives. The result maps zero-copy like any file.
 
-Only initramfs images are rewritten: anything whose members do not decompress to cpio
-archives (an old-style ramdisk image, an unknown compression) is booted as given.
+Every member is checked as the kernel would read it, and more: each compressed stream
+against its container's sizes and checksums (loader/compression.py), each archive walked
+entry by entry to its trailer (loader/newc.py). A member that fails is one ImageError line
+naming the file; nothing is written to the cache before every member has passed. Only
+initramfs images are rewritten: for anything else (an old-style ramdisk image, an unknown
+compression, a damaged member) the caller boots the file as given, with that line as a note.
+`entries` lists what the kernel would create, in order (`leanvm initrd list`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from leanvm.errors import ImageError
+from leanvm.loader import newc
 from leanvm.loader.decompress import cache_dir, kernel_digest
 
-CPIO_MAGICS = (b"070701", b"070702")
-NEWC_HEADER = 110
-TRAILER = b"TRAILER!!!"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: members are checked (sizes, checksums, whole cpio archives) first
 
 
 class Unpacked(NamedTuple):
@@ -33,55 +36,56 @@ class Unpacked(NamedTuple):
     size: int  # bytes of the uncompressed initramfs
 
 
-def _cpio_end(data: memoryview, at: int, path: str) -> int:
-    """Offset just past the newc archive that starts at ``at`` (after its trailer)."""
-    while True:
-        if at + NEWC_HEADER > len(data) or bytes(data[at:at + 6]) not in CPIO_MAGICS:
-            raise ImageError(f"{path}: cpio archive broken at byte {at:#x}")
-        try:
-            filesize = int(bytes(data[at + 54:at + 62]), 16)
-            namesize = int(bytes(data[at + 94:at + 102]), 16)
-        except ValueError:
-            raise ImageError(f"{path}: cpio header at byte {at:#x} is not hex") from None
-        name_end = at + NEWC_HEADER + namesize
-        data_at = -(-name_end // 4) * 4
-        name = bytes(data[at + NEWC_HEADER:name_end]).rstrip(b"\0")
-        at = -(-(data_at + filesize) // 4) * 4
-        if at > len(data) + 3:
-            raise ImageError(f"{path}: cpio archive runs past the end of its member")
-        if name == TRAILER:
-            return min(at, len(data))
+class Member(NamedTuple):
+    kind: str  # "cpio" (stored as is) or the compression format
+    offset: int  # where it starts in the initramfs file
+    data: "bytes | memoryview"  # its cpio archives, uncompressed
 
 
-def members(data: "bytes | memoryview", path: str) -> list[tuple[str, bytes | memoryview]]:
-    """The initramfs's members as (format, bytes): "cpio" members as they are, compressed
-    ones decompressed. ImageError if a member is neither."""
-    from leanvm.loader.decompress import MAGICS, decompress_stream
+def members(data: "bytes | memoryview", path: str) -> list[Member]:
+    """The initramfs's members in the order the kernel unpacks them: uncompressed cpio
+    archives as they are, compressed streams decompressed (every check their container
+    carries) and holding nothing but whole cpio archives. ImageError, one line naming
+    ``path``, for anything else."""
+    from leanvm.loader.compression import decompress_stream, sniff
 
     view = memoryview(data)
-    found: list[tuple[str, bytes | memoryview]] = []
-    at = 0
+    found: list[Member] = []
+    at = newc.skip_padding(view, 0)
     while at < len(view):
-        if view[at] == 0:  # padding between members, as the kernel allows
-            at += 1
-            continue
         head = bytes(view[at:at + 6])
-        if head in CPIO_MAGICS:
-            end = _cpio_end(view, at, path)
-            found.append(("cpio", view[at:end]))
-            at = end
+        if head in newc.MAGICS or head == newc.ODC_MAGIC:  # read_archive names the old one
+            newc.check_start(at, path)
+            _, end = newc.read_archive(view, at, path)
+            found.append(Member("cpio", at, view[at:end]))
+            at = newc.skip_padding(view, end)
             continue
-        kind = next((name for magic, name in MAGICS if head.startswith(magic)), None)
+        kind = sniff(head)
         if kind is None:
             raise ImageError(f"{path}: byte {at:#x} starts neither a cpio archive nor a "
                              f"compressed stream (magic {head.hex()})")
-        out, used = decompress_stream(kind, view[at:], path)
-        if not out[:6] in CPIO_MAGICS:
-            raise ImageError(f"{path}: the {kind} member at byte {at:#x} does not hold a cpio "
-                             "archive")
-        found.append((kind, out))
-        at += used
+        what = f"member at byte {at:#x}"
+        out, used = decompress_stream(kind, view[at:], path, what)
+        if out[:6] not in newc.MAGICS:
+            raise ImageError(f"{path}: the {kind} {what} does not hold a cpio archive")
+        newc.read_archives(out, f"{path}: the {kind} {what}, decompressed")
+        found.append(Member(kind, at, out))
+        at = newc.skip_padding(view, at + used)
     return found
+
+
+def entries(data: "bytes | memoryview", path: str) -> list[tuple[Member, newc.Record]]:
+    """Every entry of the initramfs, in unpacking order, with the member holding it (the
+    record's start and end index that member's data)."""
+    listed: list[tuple[Member, newc.Record]] = []
+    found = members(data, path)
+    if not found:
+        raise ImageError(f"{path}: no cpio archive in it (an initramfs holds archives "
+                         "ending in TRAILER!!!, uncompressed or compressed)")
+    for member in found:
+        for record in newc.read_archives(member.data, path):
+            listed.append((member, record))
+    return listed
 
 
 def unpacked_initrd(data: "bytes | memoryview", path: str) -> Unpacked | None:
@@ -94,25 +98,43 @@ def unpacked_initrd(data: "bytes | memoryview", path: str) -> Unpacked | None:
     digest = kernel_digest(view)
     target = cache_dir() / f"initramfs-{digest[:32]}-v{CACHE_VERSION}.cpio"
     formats_file = target.with_suffix(".formats")
-    if target.is_file() and formats_file.is_file():
-        formats = tuple(formats_file.read_text().split())
-        return Unpacked(target, True, formats, target.stat().st_size)
+    hit = _cached(target, formats_file)
+    if hit is not None:
+        return hit
     parts = members(view, path)
-    formats = tuple(kind for kind, _ in parts if kind != "cpio")
+    formats = tuple(part.kind for part in parts if part.kind != "cpio")
     if not formats:
         return None
+    size = sum(len(part.data) + (-len(part.data) % 4) for part in parts)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _replace(formats_file, f"{' '.join(formats)}\n{size}\n".encode())
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as out:
-            for _, body in parts:
-                out.write(body)
+            for part in parts:
+                out.write(part.data)
                 out.write(bytes(-out.tell() % 4))  # members start 4-byte aligned
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
-        formats_file.write_text(" ".join(formats))
     except OSError as exc:
         raise ImageError(f"cannot write the unpacked initramfs to {target.parent} "
                          f"({exc.strerror}); set LEANVM_CACHE to a writable directory") from None
     return Unpacked(target, False, formats, target.stat().st_size)
+
+
+def _cached(target: Path, formats_file: Path) -> Unpacked | None:
+    """The cache entry, if both its files are there and agree on the size."""
+    try:
+        formats, size = formats_file.read_text().split("\n")[:2]
+        if target.stat().st_size == int(size):
+            return Unpacked(target, True, tuple(formats.split()), int(size))
+    except (OSError, ValueError):
+        pass  # absent, half written or from elsewhere: make it again
+    return None
+
+
+def _replace(target: Path, data: bytes) -> None:
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)

@@ -74,8 +74,8 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
                          f"but RAM below 4 GiB ends at {low_ram_end:#x}; give the VM more memory")
     encoded = cmdline.encode()
     if b"\0" in encoded or len(encoded) > header.cmdline_size:
-        raise ImageError(f"kernel command line is {len(encoded)} bytes or has a NUL byte; "
-                         f"{kernel_path} accepts at most {header.cmdline_size}")
+        raise ImageError(f"{kernel_path}: the kernel command line is {len(encoded)} bytes or "
+                         f"has a NUL byte; this kernel accepts at most {header.cmdline_size}")
 
     initrd_address = 0
     initrd_mapped = False
