@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import given, strategies as st
 
 from leanvm.errors import ConfigError
 from leanvm.layout.region import GiB, MiB, RegionState

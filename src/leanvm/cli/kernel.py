@@ -4,7 +4,6 @@ host (what `leanvm run -kernel` boots through PVH), and `leanvm kernel info BZIM
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,23 +43,17 @@ def _payload_figures(found: "Payload") -> str:
 def handle_extract(args: argparse.Namespace) -> int:
     import time
 
-    from leanvm.errors import ConfigError
     from leanvm.loader.decompress import extract_vmlinux, read_payload
 
+    from leanvm.fileio import check_output_path, write_atomic
+
     data = _read(args.bzimage)
+    check_output_path(args.out, "vmlinux")  # before the work, which may take seconds
     found = read_payload(data, str(args.bzimage))
     started = time.monotonic()
     elf = extract_vmlinux(data, str(args.bzimage))  # every check; nothing written on failure
     took = time.monotonic() - started
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(elf)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, args.out)
-    except OSError as exc:
-        raise ConfigError(f"{args.out}: cannot write ({exc.strerror})") from None
+    write_atomic(args.out, elf, "vmlinux")
     print(f"{args.bzimage}: {_payload_figures(found)}")
     print(f"{args.out}: {len(elf)} bytes of ELF vmlinux written (decompressed in "
           f"{took * 1000:.0f} ms)")
