@@ -278,10 +278,3 @@ def test_unclaimed_counts_are_bounded_and_the_totals_exact() -> None:
     assert summary.endswith(f"{60_001 - 2 - 1} at other addresses")
     assert Bus("pio", 0x10000).unclaimed_summary() == ""
 
-
-def test_claims_sees_any_overlap() -> None:
-    bus = Bus("mmio", 1 << 32)
-    bus.register(0x2000, 0x10, Recorder(), "a")
-    assert bus.claims(0x1000, 0x1000) is False
-    assert bus.claims(0x1000, 0x1001) and bus.claims(0x200F, 1) and bus.claims(0x1FFF, 2)
-    assert not bus.claims(0x2010, 0x1000)

@@ -121,13 +121,6 @@ class Bus:
                 return found
         return None
 
-    def claims(self, address: int, size: int) -> bool:
-        """Whether any device's range overlaps ``[address, address + size)``."""
-        index = bisect.bisect(self._bases, address) - 1
-        if index >= 0 and address < self._maps[index].end:
-            return True
-        return index + 1 < len(self._maps) and self._maps[index + 1].base < address + size
-
     # --- accesses --------------------------------------------------------------------
     def read(self, address: int, size: int) -> int:
         self.accesses += 1
