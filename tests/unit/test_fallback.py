@@ -705,3 +705,16 @@ def test_pages_are_read_from_where_the_memslots_map_them(memory) -> None:
     assert run(memory, vcpu, bytes.fromhex("0f38f107"), fallback=fallback) is None  # movbe [rdi], eax
     assert memory.read(DATA, 4096) == b"\x22" * 4096 and bus.unclaimed_writes == 1
     assert bus.unclaimed[DATA + 0x20] == 1
+
+
+def test_a_load_that_wraps_from_the_top_of_the_address_space_to_zero(memory) -> None:
+    map_top_page(memory)
+    memory.write(TOP_PHYS + 0xFF8, bytes(range(1, 9)))
+    memory.write(0, bytes(range(0x11, 0x19)))  # linear page 0 is physical page 0
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = TOP + 0xFF8
+    assert run(memory, vcpu, bytes.fromhex("f30f6f0e")) is None  # movdqu xmm1, [rsi]
+    assert vcpu.image()[160 + 16:160 + 32] == bytes(range(1, 9)) + bytes(range(0x11, 0x19))
+    vcpu.regs.rsi = TOP + 0xFFC
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806")) is None  # popcnt rax, [rsi]
+    assert vcpu.regs.rax == sum(bin(b).count("1") for b in (5, 6, 7, 8, 0x11, 0x12, 0x13, 0x14))

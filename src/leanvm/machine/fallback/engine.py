@@ -307,8 +307,9 @@ class Engine:
                      _data: object) -> bool:
         kind = self._access_of.get(access, READ)
         first = address & ~(PAGE - 1)
-        last = (address + max(size, 1) - 1) & ~(PAGE - 1)
-        for page in {first, last}:
+        wrap = UC_ADDRESS_MASK if self.bits == 64 else 0xFFFFFFFF  # past the top: page 0
+        last = ((address + max(size, 1) - 1) & wrap) & ~(PAGE - 1)
+        for page in (first,) if last == first else (first, last):
             if page in self._mapped:
                 continue
             if page == TOP_PAGE and self.bits == 64:  # see the module docstring
