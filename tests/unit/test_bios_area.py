@@ -66,3 +66,41 @@ def test_write_only_dram_and_flash_commands_through_the_window() -> None:
     area.refresh()
     assert all(not (p[0] >= 0xE0000 and p[3]) or p[2] - ram.mapping.address == p[0]
                for p in slots.groups["bios-area"])  # the flash is unmapped while in commands
+
+
+def test_odd_sized_accesses_through_the_bus_reach_ram_and_flash_intact() -> None:
+    """Every size from 1 to 8 (KVM's pieces of a page-straddling access) reaches write-only
+    DRAM, read-only DRAM and the flash alias byte for byte."""
+    from leanvm.devices.bus import Bus
+    from leanvm.machine.legacy import WINDOW_BASE, WINDOW_END
+
+    ram = GuestRegion("ram-low", 0, map_anonymous(2 << 20), RegionKind.RAM)
+    flash = bytearray(range(256)) * 1024  # 256 KiB whose bytes say where they are
+
+    class Flash:
+        romd = True
+
+        def read(self, offset: int, size: int) -> int:
+            assert size in (1, 2, 4, 8)
+            return int.from_bytes(flash[offset:offset + size], "little")
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            assert size in (1, 2, 4, 8)
+
+    bank = SimpleNamespace(size=len(flash), region=SimpleNamespace(mapping=map_anonymous(len(flash))),
+                           device=Flash())
+    area = BiosArea(FakeMemslots(), ram, bank)
+    bus = Bus("mmio", 1 << 32)
+    bus.register(WINDOW_BASE, WINDOW_END - WINDOW_BASE, area, "bios-area")
+    area.set_pam(0x5F, 0x22)  # E8000-EFFFF write-only DRAM: reads come from the flash
+    for size in range(1, 9):
+        address = 0xE8000 + 0x10 * size + 1
+        bus.write(address, size, int.from_bytes(bytes([0xA0 + size]) * size, "little"))
+        assert bytes(ram.view[address:address + size]) == bytes([0xA0 + size]) * size
+        flash_at = len(flash) - (WINDOW_END - address)
+        assert bus.read(address, size) == int.from_bytes(flash[flash_at:flash_at + size], "little")
+    area.set_pam(0x5F, 0x11)  # now read-only DRAM: reads see what was written
+    for size in range(1, 9):
+        address = 0xE8000 + 0x10 * size + 1
+        assert bus.read(address, size) == int.from_bytes(bytes([0xA0 + size]) * size, "little")
+    assert bus.unclaimed_reads == bus.unclaimed_writes == 0

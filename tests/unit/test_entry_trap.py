@@ -77,3 +77,24 @@ def test_ram_window_is_bounds_checked_by_guest_memory() -> None:
 
     with pytest.raises(GuestError):
         window.read(0, 4)
+
+
+def test_odd_sized_pieces_of_a_page_straddling_access_reach_ram_intact() -> None:
+    """KVM splits an access that straddles the trapped page's edge: the part inside the page
+    arrives as MMIO of any size from 1 to 8 (3, 5, 6, 7 bytes too) and must reach RAM."""
+    memory, region, vm, mmio, trap = setup()
+    trap.arm()
+    page = trap.page
+    memory.write(page - 8, bytes(range(0x40, 0x50)))  # 8 bytes before the page, 8 in it
+    mmio.write(page, 3, 0xC3C2C1)  # the last 3 bytes of an 8-byte store from page - 5
+    assert memory.read(page - 1, 5) == bytes([0x47, 0xC1, 0xC2, 0xC3, 0x4B])
+    assert mmio.read(page, 5) == int.from_bytes(bytes([0xC1, 0xC2, 0xC3, 0x4B, 0x4C]), "little")
+    memory.write(page + 0xFF8, bytes(range(0x60, 0x68)))
+    for size in range(1, 9):  # the part of a load that starts inside and runs past the end
+        expected = int.from_bytes(bytes(range(0x60, 0x68))[8 - size:], "little")
+        assert mmio.read(page + 0x1000 - size, size) == expected
+    mmio.write(page + 0x101, 7, 0x77665544332211)
+    assert memory.read(page + 0x100, 9) == bytes.fromhex("00112233445566" "7700")
+    mmio.write(page + 0x202, 6, 0xFFEEDDCCBBAA)
+    assert memory.read(page + 0x202, 6) == bytes.fromhex("aabbccddeeff")
+    assert mmio.unclaimed_reads == mmio.unclaimed_writes == 0

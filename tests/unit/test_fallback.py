@@ -426,3 +426,295 @@ def test_random_instructions_never_crash_the_vmm(code: bytes, rip: int, rsi: int
         assert detail is None or ("\n" not in detail and detail.startswith("emulation fallback"))
     finally:
         memory.close()
+
+
+# --- the last page of the 64-bit address space ------------------------------------------
+TOP = 0xFFFF_FFFF_FFFF_F000
+TOP_PHYS = 0x9000
+
+
+def map_top_page(memory: GuestMemory, present: bool = True) -> None:
+    put = lambda a, v: memory.write(a, struct.pack("<Q", v))  # noqa: E731
+    put(0x5000 + 511 * 8, 0x7000 | 0x3)  # PDPT[511] -> PD 0x7000
+    put(0x7000 + 511 * 8, 0x8000 | 0x3)  # PD[511] -> PT 0x8000
+    put(0x8000 + 511 * 8, TOP_PHYS | 0x3 if present else 0)  # PT[511] -> the last page
+
+
+def test_an_instruction_on_the_last_page_of_the_address_space(memory) -> None:
+    map_top_page(memory)
+    vcpu = FakeVcpu()
+    vcpu.regs.rbx = 0xF00F
+    code = bytes.fromhex("f3480fb8c3")  # popcnt rax, rbx
+    memory.write(TOP_PHYS, code)
+    vcpu.regs.rip = TOP
+    assert Fallback(memory).handle(vcpu, failure(code)) is None
+    assert vcpu.regs.rax == 8 and vcpu.regs.rip == TOP + 5
+
+
+def test_data_on_the_last_page_of_the_address_space(memory) -> None:
+    map_top_page(memory)
+    vcpu = FakeVcpu()
+    memory.write(TOP_PHYS + 0xFF8, struct.pack("<Q", 0x0F0F))
+    vcpu.regs.rsi = TOP + 0xFF8
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806")) is None  # popcnt rax, [rsi]
+    assert vcpu.regs.rax == 8
+    vcpu.regs.rdi, vcpu.regs.rax = TOP + 0xFF0, 0x0102_0304_0506_0708
+    assert run(memory, vcpu, bytes.fromhex("480f38f107")) is None  # movbe [rdi], rax
+    assert memory.read(TOP_PHYS + 0xFF0, 8) == bytes.fromhex("0102030405060708")
+
+
+def test_an_instruction_that_ends_at_the_top_of_the_address_space(memory) -> None:
+    map_top_page(memory)
+    vcpu = FakeVcpu()
+    code = bytes.fromhex("f3480fb8c3")
+    memory.write(TOP_PHYS + 0x1000 - len(code), code)
+    vcpu.regs.rip, vcpu.regs.rbx = (1 << 64) - len(code), 0x7
+    assert Fallback(memory).handle(vcpu, failure(code)) is None
+    assert vcpu.regs.rax == 3 and vcpu.regs.rip == 0  # RIP wraps, as on the CPU
+
+
+def test_a_page_fault_on_the_last_page(memory) -> None:
+    map_top_page(memory, present=False)
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = TOP + 0x10
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806")) is None
+    assert vcpu.events.exception_nr == 14 and vcpu.sregs.cr2 == TOP + 0x10
+    assert vcpu.regs.rip == CODE
+
+
+# --- pages that are not RAM-backed at the moment go through the MMIO bus -------------------
+DEVICE_PHYS = 0xE000_0000  # what MMIO_PAGE maps
+
+
+class FakeVm:
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, int, int, bool]] = {}
+
+    def set_memory_region(self, slot: int, gpa: int, size: int, host: int,
+                          readonly: bool = False) -> None:
+        if size:
+            self.slots[slot] = (gpa, size, host, readonly)
+        else:
+            self.slots.pop(slot, None)
+
+
+class Spy:
+    """A bus device that logs what reaches the device behind it."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.log: list[tuple] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.log.append(("r", offset, size))
+        return self.device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(("w", offset, size, value))
+        self.device.write(offset, size, value)
+
+
+class Registers:
+    """A device page of plain bytes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(range(256)) * 16
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.data[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.data[offset:offset + size] = value.to_bytes(size, "little")
+
+
+def with_devices(memory: GuestMemory):
+    """The ROM region as a pc flash bank on an MMIO bus, with memslots that follow its mode,
+    and a register page at DEVICE_PHYS; a Fallback wired to both."""
+    from leanvm.devices.bus import Bus
+    from leanvm.devices.pflash import PC_GEOMETRY, CfiFlash
+    from leanvm.machine.builder import Memslots
+    from leanvm.machine.fallback.device_pages import memslot_backing
+
+    rom = memory.find(ROM_BASE)
+    memory.write(ROM_BASE, b"\x11" * rom.size, force=True)
+    slots = Memslots(FakeVm())  # type: ignore[arg-type]
+    for region in memory.regions:
+        slots.add(region)
+    flash = CfiFlash(rom.view, PC_GEOMETRY, image_size=rom.size, writable=True,
+                     on_romd=lambda on: slots.set_present(rom.name, on))
+    bus = Bus("mmio", 1 << 40)
+    spy, registers = Spy(flash), Spy(Registers())
+    bus.register(ROM_BASE, rom.size, spy, "flash0")
+    bus.register(DEVICE_PHYS, 0x1000, registers, "registers")
+    return Fallback(memory, mmio=bus, backing=memslot_backing(slots)), flash, spy, registers, bus
+
+
+def test_flash_in_query_mode_is_read_through_the_device(memory) -> None:
+    fallback, flash, spy, _, _ = with_devices(memory)
+    flash.write(0x55, 1, 0x98)  # CFI query: the bank leaves its memslot
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = ROM_PAGE + 0x10
+    assert run(memory, vcpu, bytes.fromhex("0f38f006"), fallback=fallback) is None  # movbe eax, [rsi]
+    assert vcpu.regs.rax == 0x5100_0000  # 'Q', byte-swapped; the array holds 0x11 bytes
+    assert spy.log == [("r", 0x10, 4)]
+    spy.log.clear()
+    vcpu.regs.rsi = ROM_PAGE + 0x0E
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806"), fallback=fallback) is None  # popcnt rax, [rsi]
+    assert spy.log == [("r", 0x0E, 8)]  # one 8-byte read, as the guest made it
+    assert vcpu.regs.rax == 4  # entries 0x0E (0) and 0x12 ('Y' = 0x59: four bits)
+
+
+def test_flash_in_read_array_mode_is_read_from_its_memslot(memory) -> None:
+    fallback, _, spy, _, _ = with_devices(memory)
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = ROM_PAGE + 0x10
+    assert run(memory, vcpu, bytes.fromhex("0f38f006"), fallback=fallback) is None
+    assert vcpu.regs.rax == 0x1111_1111 and spy.log == []
+
+
+def test_stores_to_flash_reach_the_device_in_either_mode(memory) -> None:
+    fallback, flash, spy, _, _ = with_devices(memory)
+    vcpu = FakeVcpu()
+    vcpu.regs.rdi, vcpu.regs.rax = ROM_PAGE + 0x20, 0x9800_0000
+    store = bytes.fromhex("0f38f107")  # movbe [rdi], eax
+    assert run(memory, vcpu, store, fallback=fallback) is None  # read-array mode: a command
+    assert spy.log == [("w", 0x20, 4, 0x98)] and not flash.romd
+    vcpu.regs.rsi = ROM_PAGE + 0x11
+    assert run(memory, vcpu, bytes.fromhex("0f38f006"), fallback=fallback, rip=CODE + 0x40) is None
+    assert vcpu.regs.rax == 0x5200_0000  # 'R'
+    vcpu.regs.rax = 0xFF00_0000
+    assert run(memory, vcpu, store, fallback=fallback, rip=CODE + 0x80) is None
+    assert spy.log[-1] == ("w", 0x20, 4, 0xFF) and flash.romd  # back to read array
+    assert memory.read(ROM_BASE, 0x40) == b"\x11" * 0x40  # no command wrote the array
+
+
+def test_device_registers_see_the_guests_access_widths(memory) -> None:
+    fallback, _, _, registers, bus = with_devices(memory)
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi, vcpu.regs.rdi = MMIO_PAGE + 0x40, MMIO_PAGE + 0x80
+    assert run(memory, vcpu, bytes.fromhex("f30f6f0e"), fallback=fallback) is None  # movdqu xmm1, [rsi]
+    assert vcpu.image()[160 + 16:160 + 32] == bytes(range(0x40, 0x50))
+    assert registers.log == [("r", 0x40, 8), ("r", 0x48, 8)]  # two 8-byte MMIO reads, as KVM
+    registers.log.clear()
+    assert run(memory, vcpu, bytes.fromhex("f30f7f0f"), fallback=fallback) is None  # movdqu [rdi], xmm1
+    assert registers.log == [("w", 0x80, 8, 0x4746_4544_4342_4140),
+                             ("w", 0x88, 8, 0x4F4E_4D4C_4B4A_4948)]
+    registers.log.clear()
+    vcpu.regs.rax = 0x1122_3344
+    vcpu.regs.rdi = MMIO_PAGE + 0x101
+    assert run(memory, vcpu, bytes.fromhex("0f38f107"), fallback=fallback) is None  # movbe [rdi], eax
+    assert registers.log == [("w", 0x101, 4, 0x4433_2211)]  # unaligned, one access, swapped
+    assert bus.unclaimed_reads == bus.unclaimed_writes == 0
+
+
+def test_nothing_on_the_bus_reads_all_ones(memory) -> None:
+    fallback, _, _, _, bus = with_devices(memory)
+    vcpu = FakeVcpu()
+    put = lambda a, v: memory.write(a, struct.pack("<Q", v))  # noqa: E731
+    put(0x4000 + (MMIO_PAGE >> 12) * 8, 0xE010_0000 | 0x3)  # a page where no device is
+    vcpu.regs.rsi = MMIO_PAGE + 8
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806"), fallback=fallback) is None
+    assert vcpu.regs.rax == 64 and bus.unclaimed_reads == 1 and bus.unclaimed[0xE010_0008] == 1
+
+
+def test_code_never_runs_from_device_memory(memory) -> None:
+    fallback, flash, spy, _, _ = with_devices(memory)
+    flash.write(0, 1, 0x70)  # read status: the bank is device memory now
+    vcpu = FakeVcpu()
+    vcpu.regs.rip = ROM_PAGE
+    detail = fallback.handle(vcpu, failure(bytes.fromhex("f3480fb8c3")))
+    assert detail is not None and "device memory at the moment" in detail
+    assert f"{ROM_BASE:#x}" in detail and spy.log == []
+
+
+def test_device_accesses_obey_the_page_tables_and_wait_for_the_instruction(memory) -> None:
+    fallback, _, _, registers, _ = with_devices(memory)
+    put = lambda a, v: memory.write(a, struct.pack("<Q", v))  # noqa: E731
+    put(0x4000 + (MMIO_PAGE >> 12) * 8, DEVICE_PHYS | 0x1)  # present, read-only
+    vcpu = FakeVcpu()
+    vcpu.regs.rdi, vcpu.regs.rax = MMIO_PAGE + 0x10, 0x55
+    assert run(memory, vcpu, bytes.fromhex("0f38f107"), fallback=fallback) is None
+    assert vcpu.events.exception_nr == 14 and vcpu.events.exception_error_code == 0x3
+    assert vcpu.sregs.cr2 == MMIO_PAGE + 0x10 and registers.log == []
+    # a store that starts in a device page and faults on the next page writes nothing
+    put(0x4000 + (MMIO_PAGE >> 12) * 8, DEVICE_PHYS | 0x3)
+    put(0x4000 + (ROM_PAGE >> 12) * 8, ROM_BASE | 0x1)  # the page after it: read-only
+    vcpu = FakeVcpu()
+    vcpu.regs.rdi, vcpu.regs.rax = MMIO_PAGE + 0xFFC, 0x1122_3344_5566_7788
+    assert run(memory, vcpu, bytes.fromhex("480f38f107"), fallback=fallback) is None
+    assert vcpu.events.exception_nr == 14 and vcpu.sregs.cr2 == ROM_PAGE
+    assert all(entry[0] == "r" for entry in registers.log)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.sampled_from([bytes.fromhex(h) for h in (
+           "0f38f006", "0f38f107", "480f38f107", "f3480fb806", "f30f6f0e", "f30f7f0f",
+           "f0480fc70e", "0fae1e", "0fae17", "f3a4", "f348a5")]),  # movbe, popcnt, movdqu,
+                 st.binary(min_size=1, max_size=15)),  # cmpxchg16b, [ld|st]mxcsr, rep movs
+       st.sampled_from([MMIO_PAGE, MMIO_PAGE + 0xFFD, ROM_PAGE, ROM_PAGE - 3, DATA]),
+       st.sampled_from([MMIO_PAGE + 0x800, MMIO_PAGE + 0xFFF, ROM_PAGE + 0x10, DATA2 - 2]),
+       st.sampled_from([0x98, 0x90, 0x70, 0xFF]), st.integers(0, (1 << 64) - 1))
+def test_random_instructions_over_device_pages(code: bytes, rsi: int, rdi: int, command: int,
+                                               rax: int) -> None:
+    """Random instructions reading and writing device pages and flash in any mode: nothing
+    raises, every device access stays inside its device, and writes reach devices only
+    when the instruction completed."""
+    memory = build_memory()
+    try:
+        fallback, flash, spy, registers, bus = with_devices(memory)
+        flash.write(0, 1, command)
+        vcpu = FakeVcpu()
+        vcpu.regs.rsi, vcpu.regs.rdi, vcpu.regs.rax = rsi, rdi, rax
+        vcpu.regs.rcx = rax & 0x3F  # REP counts
+        before = len(registers.log) + len(spy.log)
+        detail = run(memory, vcpu, code, fallback=fallback)
+        assert detail is None or ("\n" not in detail and detail.startswith("emulation fallback"))
+        for log, span in ((spy.log, 64 << 10), (registers.log, 0x1000)):
+            assert all(0 <= e[1] and e[1] + e[2] <= span and e[2] in (1, 2, 4, 8) for e in log)
+        wrote = any(e[0] == "w" for e in registers.log + spy.log)
+        if wrote:  # only a completed instruction (or a trap after it) writes
+            assert detail is None
+        assert len(registers.log) + len(spy.log) >= before
+    finally:
+        memory.close()
+
+
+def test_pages_are_read_from_where_the_memslots_map_them(memory) -> None:
+    """The BIOS area's case: a page of the RAM region that KVM maps from other memory (the
+    flash alias at 0xE0000) reads as that memory, and a store to it goes to the bus, as a
+    guest store to a read-only memslot does, instead of into the RAM underneath."""
+    from leanvm.devices.bus import Bus
+    from leanvm.machine.builder import Memslots
+    from leanvm.machine.fallback.device_pages import memslot_backing
+
+    rom = memory.find(ROM_BASE)
+    memory.write(ROM_BASE, b"\x11" * rom.size, force=True)
+    memory.write(DATA, b"\x22" * 4096)
+    slots = Memslots(FakeVm())  # type: ignore[arg-type]
+    for region in memory.regions:
+        slots.add(region)
+    slots.punch(DATA, 4096)
+    slots.replace_group("alias", [(DATA, 4096, rom.mapping.address, True)])
+    bus = Bus("mmio", 1 << 40)
+    fallback = Fallback(memory, mmio=bus, backing=memslot_backing(slots))
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = DATA + 0x10
+    assert run(memory, vcpu, bytes.fromhex("0f38f006"), fallback=fallback) is None  # movbe eax, [rsi]
+    assert vcpu.regs.rax == 0x1111_1111
+    vcpu.regs.rdi, vcpu.regs.rax = DATA + 0x20, 0x3333_3333
+    assert run(memory, vcpu, bytes.fromhex("0f38f107"), fallback=fallback) is None  # movbe [rdi], eax
+    assert memory.read(DATA, 4096) == b"\x22" * 4096 and bus.unclaimed_writes == 1
+    assert bus.unclaimed[DATA + 0x20] == 1
+
+
+def test_a_load_that_wraps_from_the_top_of_the_address_space_to_zero(memory) -> None:
+    map_top_page(memory)
+    memory.write(TOP_PHYS + 0xFF8, bytes(range(1, 9)))
+    memory.write(0, bytes(range(0x11, 0x19)))  # linear page 0 is physical page 0
+    vcpu = FakeVcpu()
+    vcpu.regs.rsi = TOP + 0xFF8
+    assert run(memory, vcpu, bytes.fromhex("f30f6f0e")) is None  # movdqu xmm1, [rsi]
+    assert vcpu.image()[160 + 16:160 + 32] == bytes(range(1, 9)) + bytes(range(0x11, 0x19))
+    vcpu.regs.rsi = TOP + 0xFFC
+    assert run(memory, vcpu, bytes.fromhex("f3480fb806")) is None  # popcnt rax, [rsi]
+    assert vcpu.regs.rax == sum(bin(b).count("1") for b in (5, 6, 7, 8, 0x11, 0x12, 0x13, 0x14))

@@ -174,3 +174,71 @@ def test_random_command_streams(geometry: str, writable: bool, ops: list[tuple])
         assert writes == [] and bytes(array[:image]) == b"\x11" * image
     assert all(a != b for a, b in zip(romd, romd[1:]))
     assert not romd or romd[0] is False
+
+
+# Expected values below are written out by hand from QEMU's pflash_cfi01: a read of more
+# than 4 bytes is two 4-byte reads (the model's MemoryRegionOps give no impl size, so the
+# memory core splits at 4); within 4 bytes each 16-bit chip of the virt bank answers with
+# the same table entry, entry = offset >> 2.
+Q, R, Y = 0x51, 0x52, 0x59
+
+
+def test_virt_8_byte_query_reads_carry_two_bank_words() -> None:
+    dev, _, _, _ = make(VIRT_GEOMETRY, size=64 * MiB)
+    dev.write(0x55 * 4, 4, 0x00980098)
+    # bytes: Q 0 Q 0 R 0 R 0  (entries 0x10 and 0x11)
+    assert dev.read(0x40, 8) == 0x0052_0052_0051_0051
+    assert dev.read(0x44, 8) == 0x0059_0059_0052_0052  # R then Y
+    assert dev.read(0x10 * 4 + 0x3C * 4, 8) == 0  # entries 0x4C and 0x4D are zero
+    assert dev.read(0x51 * 4, 8) == 0  # entry 0x51, then 0x52: past the table
+
+
+def test_virt_8_byte_identifier_reads_carry_manufacturer_then_device() -> None:
+    dev, _, _, _ = make(VIRT_GEOMETRY, size=64 * MiB)
+    dev.write(0, 4, 0x00900090)
+    assert dev.read(0, 8) == 0x0018_0018_0089_0089
+    assert dev.read(4, 8) == 0x0000_0000_0018_0018  # device id, then entry 2 (not locked)
+    sector = VIRT_GEOMETRY.sector_size
+    dev.write(sector, 4, 0x00600060)
+    dev.write(sector, 4, 0x00010001)  # lock block 1
+    dev.write(0, 4, 0x00900090)
+    assert dev.read(sector + 8, 8) == 0x0000_0000_0001_0001  # lock status, entry 3 zero
+    assert dev.read(sector + 4, 8) == 0x0001_0001_0018_0018
+
+
+def test_virt_8_byte_status_reads_replicate_per_chip() -> None:
+    dev, _, _, _ = make(VIRT_GEOMETRY, size=64 * MiB)
+    dev.write(0, 4, 0x00700070)
+    assert dev.read(0, 8) == 0x0080_0080_0080_0080
+    assert dev.read(0, 2) == 0x0080
+
+
+def test_pc_8_byte_reads_are_two_legacy_answers() -> None:
+    dev, _, _, _ = make(size=2 * MiB)
+    dev.write(0x55, 1, 0x98)
+    assert dev.read(0x0E, 8) == Y << 32  # entries 0x0E (0) and 0x12 ('Y')
+    assert dev.read(0x10, 8) == Q  # entries 0x10 ('Q') and 0x14 (0)
+    assert dev.read(0x10, 4) == Q
+    dev.write(0, 1, 0xFF)
+    dev.write(0, 1, 0x70)
+    assert dev.read(0, 8) == 0x0080_0080_0080_0080  # each half: status twice, 16 bits apart
+
+
+def test_legacy_identifier_pairs_are_cut_to_the_read_width() -> None:
+    geometry = PC_GEOMETRY._replace(ids=(0x12, 0x34, 0x56, 0x78))
+    dev, _, _, _ = make(geometry)
+    dev.write(0, 1, 0x90)
+    assert dev.read(0, 1) == 0x34 and dev.read(0, 2) == 0x1234
+    assert dev.read(1, 2) == 0x5678 and dev.read(1, 1) == 0x78
+    assert dev.read(0, 8) == 0x1234  # entries 0 and 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["pc", "virt"]), st.sampled_from([0x70, 0x90, 0x98, 0x40, 0xE8]),
+       st.integers(0, 0x400 // 8 - 1))
+def test_wide_command_reads_are_two_halves(geometry: str, command: int, word: int) -> None:
+    geo = pflash.GEOMETRIES[geometry]
+    dev, _, _, _ = make(geo, size=4 * geo.sector_size)
+    dev.write(0, geo.bank_width, command * (0x00010001 if geometry == "virt" else 1))
+    offset = word * 8
+    assert dev.read(offset, 8) == dev.read(offset, 4) | dev.read(offset + 4, 4) << 32

@@ -14,7 +14,7 @@ class DebugExit:
         self._on_exit = on_exit
 
     def read(self, offset: int, size: int) -> int:
-        return 0xFFFFFFFF
+        return (1 << (8 * size)) - 1  # all ones, at the width read
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0:

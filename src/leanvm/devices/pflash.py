@@ -124,9 +124,15 @@ class CfiFlash:
     def read(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > self.size:
             return (1 << (8 * size)) - 1
-        cmd = self.cmd
-        if cmd == 0x00:
+        if self.cmd == 0x00:
             return int.from_bytes(self.array[offset:offset + size], "little")
+        if size > 4:  # QEMU answers at most 4 bytes at a time: wider reads are 4-byte halves
+            return self._command_read(offset, 4) | self._command_read(offset + 4, 4) << 32
+        return self._command_read(offset, size)
+
+    def _command_read(self, offset: int, size: int) -> int:
+        """A read of at most 4 bytes in a command mode: status, identifier or query."""
+        cmd = self.cmd
         if cmd == CMD_READ_ID:
             return self._id_read(offset, size)
         if cmd == CMD_CFI_QUERY:
@@ -144,15 +150,22 @@ class CfiFlash:
         return value
 
     def _lanes(self, offset: int, size: int, lookup: Callable[[int], int]) -> int:
+        """An identifier or query read of ``size`` <= 4 bytes. Legacy addressing (device
+        width 0): the one table value, whatever the width. Otherwise each bank word (one
+        chip per ``device_width`` bytes) carries the same chip answer in every lane, as
+        QEMU's pflash_cfi_query and pflash_devid_query replicate it; the bank word at
+        ``offset + i`` answers for entry ``(offset + i) >> shift``."""
         bw, dw = self.geometry.bank_width, self.geometry.device_width
-        if not dw:  # legacy: one byte from the table, addressed within 256 bytes
-            return lookup(((offset & 0xFF) >> self._shift))
+        mask = (1 << (8 * size)) - 1
+        if not dw:  # legacy: one value from the table, addressed within 256 bytes
+            return lookup((offset & 0xFF) >> self._shift) & mask
+        chip_mask = (1 << (8 * dw)) - 1
         value = 0
         for i in range(0, size, bw):
-            item = lookup((offset + i * bw) >> self._shift) & ((1 << (8 * dw)) - 1)
+            item = lookup((offset + i) >> self._shift) & chip_mask
             for lane in range(0, bw, dw):  # each chip answers in its own lane
                 value |= item << (8 * (i + lane))
-        return value & ((1 << (8 * size)) - 1)
+        return value & mask
 
     def _query_read(self, offset: int, size: int) -> int:
         return self._lanes(offset, size, lambda i: self.table[i] if i < CFI_TABLE_SIZE else 0)

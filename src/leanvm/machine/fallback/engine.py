@@ -5,13 +5,22 @@ addresses. Pages are mapped into it only when the instruction touches them
 (UC_HOOK_MEM_UNMAPPED), after a walk of the guest's own page tables (memory/paging.py) has
 found the guest-physical page and checked the access; each page is a copy of guest RAM, and
 the writes Unicorn makes (UC_HOOK_MEM_WRITE) are handed back as (guest-physical address,
-bytes) to be written through GuestMemory only if the instruction completes. A page that is
-not RAM is never mapped: the step stops instead. Every page is unmapped again after the step
-(the guest's memory and page tables change between steps), which also drops Unicorn's
-translated code for it.
+bytes) to be written through GuestMemory only if the instruction completes. Every page is
+unmapped again after the step (the guest's memory and page tables change between steps),
+which also drops Unicorn's translated code for it.
+
+A page is copied from where KVM maps it: given ``backing`` (the machine's memslots), from
+the memslot's host memory, else from the GuestMemory region. A page that is not RAM-backed
+at the moment (no memslot: a flash bank in a command mode, the kernel-entry trap's page,
+device windows; without ``backing``, any page outside guest memory) is served through the
+MMIO bus when the engine has one (device_pages.py), exactly as a plain guest load or store
+would be; without a bus the step stops. Code is never run from such a page.
 
 With its paging off Unicorn keeps only the low 52 bits of a 64-bit linear address, so guest
 pages are mapped at ``linear & UC_ADDRESS_MASK`` and hook addresses are sign-extended back.
+Unicorn cannot map its topmost page (linear 0xFFFFFFFFFFFFF000) from inside a hook (the
+access then fails with UC_ERR_MAP), so a step that needs it runs again with that page
+mapped before it starts.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import ctypes
 from typing import Any, NamedTuple
 
 from leanvm.errors import GuestError
+from leanvm.machine.fallback.device_pages import Backing, DevicePages, MmioBus
 from leanvm.memory.guest import GuestMemory, RegionKind
 from leanvm.memory.paging import (FETCH, READ, WRITE, NonCanonical, PageFault, PagingContext,
                                   Translation, violation, walk)
@@ -28,6 +38,8 @@ PAGE = 4096
 UC_ADDRESS_MASK = (1 << 52) - 1  # Unicorn's physical address width (paging off)
 MAX_PAGES = 64  # pages one step may map; a REP string instruction is cut short before this
 MAX_REP_ITERATIONS = 4096  # iterations of a REP instruction per step (the guest resumes it)
+TOP_PAGE = UC_ADDRESS_MASK & ~(PAGE - 1)  # Unicorn's last page: mapped before a step starts
+MAX_ATTEMPTS = 3  # runs of one step (a retry maps the top page first)
 
 GPRS_64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -57,6 +69,7 @@ class Done(NamedTuple):
     fpu: "FpuState | None"
     writes: list[tuple[int, bytes]]  # (guest-physical address, bytes), in order
     flag_updates: list[tuple[int, int]]  # page-table entries: (address, accessed/dirty bits)
+    device_writes: "list[tuple[int, int, int]] | tuple[()]" = ()  # MMIO (address, size, value)
 
 
 class FpuState(NamedTuple):
@@ -77,7 +90,7 @@ class Mapped(NamedTuple):
     translation: Translation
     writable: bool  # the guest may write it (page tables and region)
     ram: bool  # writable RAM (false: ROM or a read-only mapping)
-    buffer: int  # host address of the copy Unicorn works on
+    buffer: int  # host address of the copy Unicorn works on (0: a device page)
 
 
 class StepInput(NamedTuple):
@@ -96,12 +109,14 @@ class StepInput(NamedTuple):
 class Engine:
     """Unicorn in one mode (64 or 32 bits), for one vCPU: not thread-safe."""
 
-    def __init__(self, bits: int, memory: GuestMemory) -> None:
+    def __init__(self, bits: int, memory: GuestMemory, mmio: MmioBus | None = None,
+                 backing: Backing | None = None) -> None:
         import unicorn
         from unicorn import x86_const as x86
 
         self.bits = bits
         self.memory = memory
+        self.backing = backing
         self._uc_error = unicorn.UcError
         mode = unicorn.UC_MODE_64 if bits == 64 else unicorn.UC_MODE_32
         uc = self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
@@ -133,38 +148,65 @@ class Engine:
         self._pool = ctypes.create_string_buffer(PAGE * (MAX_PAGES + 1))
         first = (ctypes.addressof(self._pool) + PAGE - 1) & ~(PAGE - 1)
         self._buffers = [first + PAGE * i for i in range(MAX_PAGES)]
+        self._mapped: dict[int, Mapped] = {}
+        self._devices = DevicePages(uc, mmio, self._mapped, unicorn.UC_HOOK_MEM_READ) \
+            if mmio is not None else None
+        self._premap: list[tuple[int, str, int]] = []
         self._reset()
 
     def _reset(self) -> None:
-        self._mapped: dict[int, Mapped] = {}
+        self._mapped.clear()
         self._writes: list[tuple[int, int]] = []
         self._result: Fault | Halt | None = None
         self._interrupt: int | None = None
         self._start = 0
         self._iterations = 0
         self._step: StepInput | None = None
+        self._retry: tuple[int, str, int] | None = None  # the top page, to map up front
 
     # --- one step ------------------------------------------------------------------------
     def execute(self, step: StepInput) -> Done | Fault | Halt:
         """Run the instruction at ``step.rip``; the outcome (nothing is written to the guest
         here: Done carries the writes)."""
+        self._premap = []
+        for _ in range(MAX_ATTEMPTS):
+            outcome = self._attempt(step)
+            if outcome is not None:
+                return outcome
+        return Halt("Unicorn could not map the top page of the address space")
+
+    def _attempt(self, step: StepInput) -> Done | Fault | Halt | None:
+        """One run of the step; None when it must run again with ``_premap`` grown."""
         self._reset()
         self._step = step
         uc = self.uc
+        devices = self._devices
+        if devices is not None:
+            devices.begin(step)
         try:
             self._load(step)
+            for page, kind, address in self._premap:
+                if not self._map(page, kind, address):
+                    return self._result
             mask = (1 << self.bits) - 1
             self._start = step.rip & mask
             try:
                 uc.emu_start(self._start, (self._start + step.size) & mask)
             except self._uc_error as exc:
+                if self._retry is not None:
+                    self._premap.append(self._retry)
+                    return None
                 if self._result is not None:
                     return self._result
+                if devices is not None and devices.fault is not None:
+                    return Fault(*devices.fault)
                 if self._interrupt is not None:
                     return Fault(self._interrupt)
                 return Halt(f"Unicorn could not execute it ({exc})")
             if self._result is not None:
                 return self._result
+            if devices is not None and devices.fault is not None:
+                return Fault(*devices.fault)
             if self._interrupt is not None:
                 return Fault(self._interrupt)
             return self._collect(step)
@@ -172,6 +214,8 @@ class Engine:
             for page in self._mapped:
                 uc.mem_unmap(page, PAGE)
             self._mapped.clear()
+            if devices is not None:
+                devices.end()
             self._step = None
 
     def _load(self, step: StepInput) -> None:
@@ -216,15 +260,17 @@ class Engine:
                 page = address & ~(PAGE - 1)
                 piece = min(end, page + PAGE) - address
                 entry = self._mapped[page]
-                writes.append((entry.physical + (address - page),
-                               ctypes.string_at(entry.buffer + (address - page), piece)))
+                if entry.buffer:  # device pages' writes come from their callbacks
+                    writes.append((entry.physical + (address - page),
+                                   ctypes.string_at(entry.buffer + (address - page), piece)))
                 address += piece
         written = {page for page, _ in ((a & ~(PAGE - 1), s) for a, s in self._writes)}
         written |= {(a + s - 1) & ~(PAGE - 1) for a, s in self._writes}
         updates: list[tuple[int, int]] = []
         for page, entry in self._mapped.items():
             updates += entry.translation.updates(WRITE if page in written else READ)
-        return Done(registers, fs_base, gs_base, fpu, writes, updates)
+        device_writes = self._devices.writes() if self._devices is not None else []
+        return Done(registers, fs_base, gs_base, fpu, writes, updates, device_writes)
 
     def _read_fpu(self, before: FpuState) -> FpuState:
         slots = self._fpu.read_bytes()
@@ -254,14 +300,22 @@ class Engine:
     def _on_write(self, _uc: Any, _access: int, address: int, size: int, _value: int,
                   _data: object) -> None:
         self._writes.append((address, size))
+        if self._devices is not None:
+            self._devices.note_write(address, size)
 
     def _on_unmapped(self, uc: Any, access: int, address: int, size: int, _value: int,
                      _data: object) -> bool:
         kind = self._access_of.get(access, READ)
         first = address & ~(PAGE - 1)
-        last = (address + max(size, 1) - 1) & ~(PAGE - 1)
-        for page in {first, last}:
-            if page not in self._mapped and not self._map(page, kind, address):
+        wrap = UC_ADDRESS_MASK if self.bits == 64 else 0xFFFFFFFF  # past the top: page 0
+        last = ((address + max(size, 1) - 1) & wrap) & ~(PAGE - 1)
+        for page in (first,) if last == first else (first, last):
+            if page in self._mapped:
+                continue
+            if page == TOP_PAGE and self.bits == 64:  # see the module docstring
+                self._retry = (page, kind, address)
+                return False
+            if not self._map(page, kind, address):
                 return False
         return True
 
@@ -272,6 +326,10 @@ class Engine:
         step = self._step
         if entry is None or step is None:
             self._result = Halt(f"unexpected {kind} protection fault at {address:#x}")
+            return False
+        if not entry.buffer:  # Unicorn never runs code from an MMIO mapping
+            self._result = Halt(f"it runs code from guest-physical {entry.physical:#x}, which "
+                                "is device memory at the moment (not RAM-backed)")
             return False
         code = violation(step.paging, entry.translation, kind, user=step.user,
                          ac=bool(step.registers["rflags"] & AC_FLAG))
@@ -315,25 +373,59 @@ class Engine:
             self._result = Fault(PF_VECTOR, code, fault_address)
             return False
         physical = found.physical & ~(PAGE - 1)
-        try:
-            region = self.memory.find(physical, PAGE)
-        except GuestError:
-            self._result = Halt(f"it accesses guest-physical {physical:#x} (linear {linear:#x}), "
-                                "which is not RAM (device memory is never emulated)")
-            return False
-        offset = physical - region.base
-        ram = (region.kind is not RegionKind.ROM and not region.readonly
-               and offset + PAGE <= region.mapping.writable_limit)
         readable = not violation(paging, found, READ, user=step.user, ac=ac)
         writable = not violation(paging, found, WRITE, user=step.user, ac=ac)
         executable = not violation(paging, found, FETCH, user=step.user, ac=ac)
+        host, ram = self._ram_page(physical)
+        if host is None or (not ram and kind != FETCH and self._devices is not None):
+            return self._map_device(page, linear, physical, found, writable, kind, host)
         read, write, execute = self._prot
         perms = ((read if readable else 0) | (write if writable and ram else 0)
                  | (execute if executable else 0))
         buffer = self._buffers[len(self._mapped)]
-        ctypes.memmove(buffer, region.mapping.address + offset, PAGE)  # inside the region
+        ctypes.memmove(buffer, host, PAGE)  # a whole page of guest memory (region or memslot)
         self.uc.mem_map_ptr(page, PAGE, perms, buffer)
         self._mapped[page] = Mapped(linear, physical, found, writable, ram, buffer)
+        return True
+
+    def _ram_page(self, physical: int) -> tuple[int | None, bool]:
+        """(host address of the page's bytes, writable RAM) where a guest access finds RAM
+        or ROM right now; (None, False) where it would exit to the MMIO bus."""
+        try:
+            region = self.memory.find(physical, PAGE)
+        except GuestError:
+            region = None
+        host: int | None = None
+        writable = False
+        if region is not None:
+            offset = physical - region.base
+            host = region.mapping.address + offset
+            writable = (region.kind is not RegionKind.ROM and not region.readonly
+                        and offset + PAGE <= region.mapping.writable_limit)
+        if self.backing is None:
+            return host, writable
+        slot = self.backing(physical)
+        if slot is None:
+            return None, False
+        # writes are committed through GuestMemory: only where it holds the same bytes
+        return slot[0], writable and not slot[1] and slot[0] == host
+
+    def _map_device(self, page: int, linear: int, physical: int, found: Translation,
+                    writable: bool, kind: str, host: int | None) -> bool:
+        """A page whose accesses go to the MMIO bus (reads from ``host`` if KVM maps it
+        read-only); code never runs from it."""
+        if self._devices is None or kind == FETCH:
+            if self._devices is not None:
+                what = "device memory at the moment (code never runs from it here)"
+            elif self.backing is not None:
+                what = "not RAM-backed at the moment (device memory is never emulated)"
+            else:
+                what = "not RAM (device memory is never emulated)"
+            self._result = Halt(f"it accesses guest-physical {physical:#x} (linear {linear:#x}), "
+                                f"which is {what}")
+            return False
+        self._mapped[page] = Mapped(linear, physical, found, writable, False, 0)
+        self._devices.map(page, host)
         return True
 
     def _linear(self, page: int) -> int | None:

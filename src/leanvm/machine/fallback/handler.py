@@ -27,6 +27,7 @@ from leanvm.errors import GuestError, LeanvmError
 if TYPE_CHECKING:  # the rest loads on the first emulation failure (start-up time matters)
     from leanvm.kvm.exits import InternalError
     from leanvm.machine.fallback.decode import Decoded, Decoder
+    from leanvm.machine.fallback.device_pages import Backing, MmioBus
     from leanvm.machine.fallback.engine import Done, Engine, Fault, FpuState, Halt
     from leanvm.memory.guest import GuestMemory
     from leanvm.memory.paging import PagingContext
@@ -55,9 +56,16 @@ class Fallback:
     """Counts (``counts``, ``total``, ``seconds``, ``exceptions``) and the handler
     (``handle``) of one machine's emulation fallback."""
 
-    def __init__(self, memory: "GuestMemory", phys_bits: int = MAX_PHYS_BITS) -> None:
+    def __init__(self, memory: "GuestMemory", phys_bits: int = MAX_PHYS_BITS, *,
+                 mmio: "MmioBus | None" = None, backing: "Backing | None" = None) -> None:
         self.memory = memory
         self.phys_bits = phys_bits
+        # Where guest accesses go that find no RAM: the machine's MMIO bus (a locked one
+        # with several vCPUs), and what KVM maps right now (device_pages.memslot_backing).
+        # Without them pages outside guest memory stop the VM, and a page is read from its
+        # GuestMemory region even when KVM would send the access to a device.
+        self.mmio = mmio
+        self.backing = backing
         self.counts: dict[str, int] = {}  # Capstone mnemonic -> instructions handled
         self.exceptions: dict[str, int] = {}  # "#PF" -> exceptions delivered instead
         self.total = 0
@@ -145,6 +153,10 @@ class Fallback:
                 memory.write(address, data)
         except GuestError as exc:
             return None, f"emulation fallback stopped at {where}: {exc}"
+        if outcome.device_writes:
+            assert self.mmio is not None  # the engine makes device pages only with a bus
+            for address, size, value in outcome.device_writes:
+                self.mmio.write(address, size, value)
         _set_flags(memory, outcome.flag_updates)
         for name, value in outcome.registers.items():
             setattr(regs, name, value)
@@ -210,7 +222,8 @@ class Fallback:
         if engine is None:
             from leanvm.machine.fallback.engine import Engine
 
-            engine = self._engines[(vcpu_id, bits)] = Engine(bits, self.memory)
+            engine = self._engines[(vcpu_id, bits)] = Engine(bits, self.memory, self.mmio,
+                                                             self.backing)
         return engine
 
     # --- reporting ----------------------------------------------------------------------
