@@ -130,3 +130,35 @@ def test_version_prints_the_finding(finding, tmp_path: Path) -> None:
                           text=True, timeout=60, env=env)
     assert done.returncode == 0
     assert finding.describe() in done.stdout
+
+
+def test_the_fallback_reads_flash_in_a_command_mode_as_a_plain_load_does(guest, finding,
+                                                                          tmp_path: Path) -> None:
+    """popcnt on flash in read-status mode: the device's status register, not the array."""
+    from leanvm.devices.pflash import GEOMETRIES, CfiFlash
+
+    array = bytes([0x0F, 0xF0, 0x33, 0x01, 0x7F, 0xFF, 0x10, 0x02]) * 512  # 4 KiB
+    image = tmp_path / "code.fd"
+    image.write_bytes(array)
+    base = (1 << 32) - len(array)  # a pc bank sits just below 4 GiB
+    model = CfiFlash(memoryview(bytearray(array)), GEOMETRIES["pc"], image_size=len(array),
+                     writable=False, on_romd=lambda on: None)
+    model.write(0, 1, 0x70)
+    status = model.read(0, 8)
+    with Machine(memory="32M", guest=guest("flashpop"), args=f"{base:#x}",
+                 flash=(parse_flash(f"code={image}"),), emulation_fallback="on") as vm:
+        result = vm.run(timeout=60)
+        counts = dict(vm.fallback.counts) if vm.fallback is not None else {}
+    assert result.reason is StopReason.GUEST_EXIT and result.status == 0, result.detail
+    got = values(vm.console.decode())
+    assert got["status-popcnt"] == bin(status).count("1")
+    assert got["array-popcnt"] == bin(int.from_bytes(array[:8], "little")).count("1")
+    assert got["status-popcnt"] != got["array-popcnt"]  # the test tells the two apart
+    if "popcnt-memory" in finding.failing:
+        assert counts.get("popcnt", 0) >= 2, counts  # it was the fallback that read them
+
+
+def parse_flash(text: str):  # type: ignore[no-untyped-def]
+    from leanvm.machine.flash import parse_flash_option
+
+    return parse_flash_option(text)

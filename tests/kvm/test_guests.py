@@ -47,7 +47,7 @@ class Recorder:
 
     def read(self, offset: int, size: int) -> int:
         self.reads.append((offset, size))
-        return 0x0807060504030201 + offset
+        return (0x0807060504030201 + offset) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.writes.append((offset, size, value))

@@ -366,3 +366,20 @@ def test_initrd_commands_refuse_unusable_files(tmp_path: Path, inprocess) -> Non
               names="nocolon")
     inprocess("initrd", "build", str(tmp_path / "new.cpio"), "--add",
               f"{files['missing']}:/x", names=str(files["missing"]))
+
+
+def test_run_refuses_a_kernel_whose_payload_is_damaged(tmp_path: Path, inprocess, test_kernel
+                                                        ) -> None:
+    """A payload in a format leanvm decompresses that does not decompress to what it declares
+    is an error, not a reason to let the guest decompress it (it would fail there too, as a
+    hang): one line, whatever --kernel-boot says, and nothing lands in the kernel cache."""
+    from leanvm.loader.decompress import read_payload
+
+    data = bytearray(test_kernel.read_bytes())
+    found = read_payload(bytes(data), str(test_kernel))
+    middle = data.index(bytes(found.body[:16])) + len(found.body) // 2
+    data[middle] ^= 0xFF
+    damaged = tmp_path / "damaged-bzImage"
+    damaged.write_bytes(bytes(data))
+    for mode in ("auto", "pvh"):
+        inprocess("run", "-kernel", str(damaged), "--kernel-boot", mode, names=str(damaged))

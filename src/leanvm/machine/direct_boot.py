@@ -199,13 +199,23 @@ def kernel_elf(config: "MachineConfig",
     from leanvm.loader.files import map_readonly
     from leanvm.loader.pvh import pvh_entry
 
+    from leanvm.loader.decompress import read_payload
+
     started = time.monotonic_ns()
     try:
-        digest = kernel_digest(memoryview(kernel))
-        path, hit = cached_vmlinux(memoryview(kernel), str(config.kernel), digest)
-        elf = map_readonly(path, "decompressed kernel")
+        read_payload(memoryview(kernel), str(config.kernel))
+    except ImageError as exc:  # no payload fields, or a format leanvm cannot decompress
+        if mode == "pvh":
+            raise
+        return None, None, f", guest decompresses ({exc})", None, False, None
+    # A payload in a known format that does not decompress to what it declares is damaged:
+    # the guest's own decompressor would fail on it too, so that is an error, not a fallback.
+    digest = kernel_digest(memoryview(kernel))
+    path, hit = cached_vmlinux(memoryview(kernel), str(config.kernel), digest)
+    elf = map_readonly(path, "decompressed kernel")
+    try:
         pvh_entry(elf, str(path))
-    except ImageError as exc:
+    except ImageError as exc:  # a kernel built without PVH: its 64-bit entry still works
         if mode == "pvh":
             raise
         return None, None, f", guest decompresses ({exc})", None, False, None

@@ -412,7 +412,13 @@ class Machine:
             return None
         from leanvm.machine.fallback import Fallback
 
-        return Fallback(self.memory, phys_bits)
+        from leanvm.machine.fallback.device_pages import memslot_backing
+
+        # Pages KVM does not map as RAM go to the MMIO bus, as a plain load would (a flash
+        # bank in a command mode, a device). With several vCPUs the fallback runs under the
+        # lock every vCPU's bus accesses take (vcpus.run_vcpus), so the raw bus is safe here.
+        return Fallback(self.memory, phys_bits, mmio=self.platform.mmio,
+                        backing=memslot_backing(self.memslots))
 
     @property
     def pio_bus(self) -> Bus:
