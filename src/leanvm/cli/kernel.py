@@ -19,11 +19,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                                         "PVH), or print a kernel's setup header, payload "
                                         "format and PVH entry.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    extract = verbs.add_parser("extract", help="decompress a bzImage's payload to an ELF file")
+    extract = verbs.add_parser("extract", help="decompress a bzImage's payload to an ELF file",
+                               description="Decompress a bzImage's kernel payload on the "
+                                           "host, check it against the size and checksums "
+                                           "its container declares, and write the ELF vmlinux "
+                                           "to OUT (whole or not at all).")
     extract.add_argument("bzimage", type=Path)
     extract.add_argument("out", type=Path)
     extract.set_defaults(handler=handle_extract)
-    info = verbs.add_parser("info", help="the setup header, payload format and PVH entry")
+    info = verbs.add_parser("info", help="the setup header, payload format and PVH entry",
+                            description="Show a kernel's boot protocol, setup header fields, "
+                                        "payload format and sizes (bzImage), or its PVH "
+                                        "entry (ELF).")
     info.add_argument("kernel", type=Path)
     info.set_defaults(handler=handle_info)
 
