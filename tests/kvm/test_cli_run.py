@@ -50,12 +50,14 @@ def test_timeout_exit_code(guest) -> None:
 
 def test_internal_error_is_one_clear_line(guest) -> None:
     done = leanvm("run", "--guest", str(guest("int3")), "--emulation-fallback", "off")
-    if "triple-faulted" in done.stderr:
-        return  # hardware KVM: covered by test_guests
-    assert done.returncode == 3
+    assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     line = [ln for ln in done.stderr.splitlines() if "guest stopped" in ln]
-    assert line and "instruction bytes cc" in line[0]
+    assert len(line) == 1
+    # A host whose KVM emulates kernel code cannot run INT3 at CPL 0 and names its bytes; a
+    # full KVM runs it, and without an IDT the #BP becomes a triple fault.
+    assert ("internal-error" in line[0] and "instruction bytes cc" in line[0]) or (
+        "shutdown: the guest triple-faulted" in line[0]), line[0]
 
 
 def test_serial_to_a_file(guest, tmp_path: Path) -> None:

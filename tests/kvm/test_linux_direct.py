@@ -103,7 +103,7 @@ def test_stock_kernel_prints_its_banner_after_host_decompression(tmp_path: Path,
     assert result.reason is StopReason.CONSOLE_MATCH, (result.detail, vm.console[-300:])
 
 
-def test_initrd_and_kernel_are_mapped_not_copied(test_kernel: Path, tmp_path: Path) -> None:
+def test_two_vms_share_the_initrds_page_cache_frames(test_kernel: Path, tmp_path: Path) -> None:
     """Both VMs read the initrd (the test kernel hashes its first 64 KiB) straight from the
     host page cache: the same host pages, none private to either VM."""
     from leanvm.memory.residency import measure
@@ -133,6 +133,31 @@ def test_initrd_and_kernel_are_mapped_not_copied(test_kernel: Path, tmp_path: Pa
     assert reports[0] == reports[1] and "initrd: 2097152 bytes" in reports[0]
     if any(frames[0]):  # page frame numbers are visible to root only
         assert frames[0] == frames[1]
+
+
+@pytest.mark.parametrize("mode", ["pvh", "bzimage"])
+def test_kernel_pages_are_mapped_where_aligned_and_copied_where_not(test_kernel: Path,
+                                                                    mode: str) -> None:
+    """PVH: the decompressed ELF's whole pages come from the host page cache (resident but
+    not private once read); bzImage: the test kernel's protected-mode code starts 2 KiB into
+    the file, off a page boundary, so it is copied (private to the VM), as documented."""
+    from leanvm.memory.residency import measure
+
+    with Machine(memory="64M", kernel=test_kernel, kernel_boot=mode) as vm:
+        loaded = vm.direct_kernel
+        assert loaded is not None
+        region = vm.memory.find(0x100000)
+        host = region.mapping.address + 0x100000 - region.base
+        first_page = vm.memory.read(0x100000, 4096)  # fault it in as the guest's load would
+        [cost] = measure([("kernel", host, 4096)])
+        if mode == "pvh":
+            assert loaded.kernel_mapped >= 4096 and "4 KiB mapped" in vm.kernel_boot_note
+            assert (cost.resident, cost.private) == (4096, 0), cost  # page cache, shared
+        else:
+            assert loaded.kernel_mapped == 0 and loaded.kernel_copied > 50 << 10
+            assert "kernel 50 KiB copied" in vm.kernel_boot_note
+            assert (cost.resident, cost.private) == (4096, 4096), cost  # the VM's own copy
+        assert first_page != bytes(4096)
 
 
 def test_no_zero_copy_copies(test_kernel: Path, tmp_path: Path) -> None:

@@ -126,12 +126,25 @@ def test_hostile_descriptors_never_escape_guest_memory(control: int, length: int
         dev = FwCfg(mem)
         dev.add(fw_cfg.KERNEL_DATA, b"k" * 300)
         dev.add_file("etc/w", bytes(16), writable=True)
+        length %= 4 * MiB
         if at + 16 <= RAM:
-            mem.write(at, fw_cfg.DESCRIPTOR.pack(control, length % (4 * MiB), address))
+            mem.write(at, fw_cfg.DESCRIPTOR.pack(control, length, address))
+        before = mem.read(0, RAM)
         dev.write(fw_cfg.DMA_ADDRESS + 4, 4, int.from_bytes(at.to_bytes(4, "big"), "little"))
+        after = mem.read(0, RAM)
         if at + 16 <= RAM:
             status = struct.unpack(">I", mem.read(at, 4))[0]
             assert status in (0, fw_cfg.CTL_ERROR)
+        # Only the descriptor's control word and the transfer's own target may change.
+        allowed = [(at, at + 4)]
+        if control & fw_cfg.CTL_READ and address < RAM:
+            allowed.append((address, min(address + length, RAM)))
+        changed = [i for i in range(0, RAM, 4096) if before[i:i + 4096] != after[i:i + 4096]]
+        for page in changed:
+            for offset in range(page, page + 4096):
+                if before[offset] != after[offset]:
+                    assert any(lo <= offset < hi for lo, hi in allowed), (
+                        f"byte {offset:#x} changed outside the descriptor and its target")
     finally:
         mem.close()
 
