@@ -111,3 +111,21 @@ def test_flash_configuration_errors_name_the_file(tmp_path: Path) -> None:
     for specs, message in cases:
         with pytest.raises(ConfigError, match=message):
             Machine(memory="16M", flash=specs).build()
+
+
+def test_a_bank_0_sequence_costs_four_memslot_changes(guest, tmp_path: Path) -> None:
+    """Bank 0 shows through the BIOS area at 0xE0000-0xFFFFF as an alias, so that window
+    follows the bank into a command mode and back: two changes for the bank, two for the
+    alias (bank 1 costs two: test_command_set_through_mmio_and_persistence)."""
+    code = tmp_path / "code.fd"
+    code.write_bytes(bytes([0x0F, 0xF0, 0x33, 0x01]) * (32 * KiB))  # 128 KiB
+    base = FOUR_GIB - 128 * KiB
+    with Machine(memory="32M", guest=guest("flashpop"), args=f"{base:#x}",
+                 flash=(FlashSpec("code", code, "readonly"),)) as vm:
+        before = vm.vm.memslot_changes
+        result = vm.run(timeout=60)
+        changes = vm.vm.memslot_changes - before
+        switches = vm.flash_banks[0].device.romd_switches
+    assert result.reason is StopReason.GUEST_EXIT and result.status == 0, result.detail
+    assert switches == 2  # one command sequence: read status, then read array
+    assert changes == 2 * switches
