@@ -6,9 +6,10 @@ kernel instruction is emulated). The kernel is built on first use (about 3 minut
 cached; the tests are skipped only when it cannot be built on this machine.
 
 On this project's hosts no system call from guest user mode reaches the guest kernel:
-SYSCALL jumps to LSTAR but stays at CPL 3 and faults there, INT 0x80 raises #UD (SPECS.md).
-The tests check that much exactly (the fault is at init's first system call instruction),
-and expect the marker, the probes and the power-off only where system calls work.
+SYSCALL jumps to LSTAR but stays at CPL 3 and faults there, INT 0x80 raises #UD
+(docs/facts.md#user-mode-cannot-enter-the-kernel). The tests check that much exactly (the
+fault is at init's first system call instruction), and expect the marker, the probes and the
+power-off only where system calls work.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ SEGFAULT = re.compile(rb"\S+\[1\]: segfault at (?P<addr>[0-9a-f]+) ip (?P<ip>[0-
 TEST_MARKER = "leanvm-test-init: user space is up (int 0x80)"
 BUSYBOX_MARKER = "leanvm-init: user space is up"
 NO_SYSCALLS = ("this host does not let guest user mode enter the guest kernel (SYSCALL stays "
-               "at CPL 3, INT 0x80 raises #UD; SPECS.md): no system call works")
+               "at CPL 3, INT 0x80 raises #UD; docs/facts.md#user-mode-cannot-enter-the-kernel)"
+               ": no system call works")
 
 
 class Boot(NamedTuple):

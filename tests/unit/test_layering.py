@@ -1,4 +1,4 @@
-"""Lower layers never import upward (../shared/ARCHITECTURE.md): an AST walk over src/."""
+"""Lower layers never import upward (docs/architecture.md): an AST walk over src/."""
 
 from __future__ import annotations
 

@@ -3,9 +3,10 @@
 An initramfs is a series of members, each an uncompressed "newc" cpio archive (magic
 "070701" or "070702") or a compressed stream holding cpio archives, with zero padding
 between them; Linux's unpack_to_rootfs walks them in order. Decompressing in the guest costs
-a minute or more on a host that emulates kernel code (SPECS.md: 67 s for a gzip initrd), so
-leanvm writes the same members uncompressed, once per initrd content, into its cache; the
-guest then only copies files out of the archives. The result maps zero-copy like any file.
+a minute or more on a host that emulates kernel code (67 s for a gzip initrd here:
+docs/facts.md#timings), so leanvm writes the same members uncompressed, once per initrd
+content, into its cache; the guest then only copies files out of the archives. The result
+maps zero-copy like any file.
 
 Every member is checked as the kernel would read it, and more: each compressed stream
 against its container's sizes and checksums (loader/compression.py), each archive walked

@@ -21,9 +21,10 @@ from leanvm.kvm.cpuid import CpuidTable
 
 PROFILES = ("host", "emulated")  # "auto" resolves to one of these
 
-# Leaf-1 features whose instructions the host could not emulate at CPL 0 (SPECS.md: a stock
-# Debian kernel needed each hidden to get this far): CMPXCHG16B, XSAVE/XRSTOR and what needs
-# them (OSXSAVE, AVX, FMA, F16C), RDRAND, POPCNT, MOVBE, and the SSE3+ extensions.
+# Leaf-1 features whose instructions the host could not emulate at CPL 0 (a stock Debian
+# kernel needed each hidden to get this far: docs/facts.md#what-it-cannot-emulate):
+# CMPXCHG16B, XSAVE/XRSTOR and what needs them (OSXSAVE, AVX, FMA, F16C), RDRAND, POPCNT,
+# MOVBE, and the SSE3+ extensions.
 EMULATED_HIDDEN: tuple[str, ...] = (
     "cx16", "xsave", "osxsave", "avx", "fma", "f16c", "rdrand", "popcnt", "movbe",
     "sse4_1", "sse4_2", "ssse3", "pclmulqdq", "aes",

@@ -1,11 +1,12 @@
 """Does this host need the emulated CPU profile and the emulation fallback? Ask it.
 
 A probe guest, assembled here from machine-code bytes (no compiler at run time), runs each
-instruction known to defeat a KVM that emulates supervisor code (SPECS.md) at CPL 0, one
-KVM_RUN per instruction in one small VM, and records which end in an emulation failure. The
-answer is cached per host boot (key: /proc/sys/kernel/random/boot_id, the kernel release and
-the KVM device) in $LEANVM_CACHE or ~/.cache/leanvm, so only the first VM after a boot pays
-for the probe. ``auto`` for --cpu-profile and --emulation-fallback follows the finding.
+instruction known to defeat a KVM that emulates supervisor code at CPL 0, one KVM_RUN per
+instruction in one small VM, and records which end in an emulation failure (what this
+project's host does: docs/facts.md#what-it-cannot-emulate). The answer is cached per host
+boot (key: /proc/sys/kernel/random/boot_id, the kernel release and the KVM device) in
+$LEANVM_CACHE or ~/.cache/leanvm, so only the first VM after a boot pays for the probe.
+``auto`` for --cpu-profile and --emulation-fallback follows the finding.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-/* leanvm's test init: proves user space runs on a host where SYSCALL does not (SPECS.md).
+/* leanvm's test init: proves user space runs on a host where SYSCALL does not
+ * (docs/facts.md#user-mode-cannot-enter-the-kernel).
  *
  * As PID 1 from an initramfs holding /dev/console, it writes a marker to fd 1, fires two
  * probes on port 0x404 (ioperm first) and powers the VM off with reboot(2), all through

@@ -1,7 +1,8 @@
 /* System calls through `int 0x80` (the i386 ABI) from a static 64-bit program, and port output.
  *
  * Why int 0x80: on leanvm's development host (nested KVM), SYSCALL from guest user mode never
- * reaches the guest kernel (SPECS.md), while interrupts from CPL 3 do. A 64-bit kernel with
+ * reaches the guest kernel (docs/facts.md#user-mode-cannot-enter-the-kernel), while
+ * interrupts from CPL 3 do. A 64-bit kernel with
  * CONFIG_IA32_EMULATION accepts int 0x80 from any process: eax = number (i386 table,
  * arch/x86/entry/syscalls/syscall_32.tbl), arguments in ebx, ecx, edx, esi, edi; result in
  * eax. Only the low 32 bits of each register are read, so every pointer passed must lie below
