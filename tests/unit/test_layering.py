@@ -26,7 +26,7 @@ def layer_of(module: str) -> tuple[str, int]:
     if len(parts) >= 2 and ".".join(parts[:2]) in LAYER:
         return ".".join(parts[:2]), LAYER[".".join(parts[:2])]
     if parts[0] not in LAYER:
-        raise AssertionError(f"module {module} is in no layer: add it to LAYER and ARCHITECTURE.md")
+        raise AssertionError(f"module {module} is in no layer: add it to LAYER and docs/architecture.md")
     return parts[0], LAYER[parts[0]]
 
 
