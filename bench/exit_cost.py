@@ -21,7 +21,6 @@ import fcntl
 import os
 import struct
 import subprocess
-import sys
 import time
 
 from _common import (LEANVM_CMD, QEMU_X86, build_c, build_firmware, build_guest, have,
