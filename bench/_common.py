@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -16,6 +17,32 @@ sys.path.insert(0, str(ROOT / "tests" / "guests"))
 RESULTS = ROOT / "bench" / "results"
 
 from build import build_guest  # noqa: E402,F401
+from build import build_firmware  # noqa: E402,F401
+
+# `leanvm` from this checkout (its src/ first on the path), whichever venv runs the benchmark
+LEANVM_CMD = [sys.executable, "-m", "leanvm"]
+QEMU_X86 = "qemu-system-x86_64"
+
+
+def leanvm_env() -> dict[str, str]:
+    """The environment for LEANVM_CMD: this checkout's src/ ahead of anything installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def qemu_pc_command(*args: str) -> list[str]:
+    """qemu-system-x86_64 -M pc on KVM with nothing but what the tiny firmware uses: COM1 on
+    stdout and isa-debug-exit at leanvm's exit port 0xf4 (exit status (value << 1) | 1)."""
+    return [QEMU_X86, "-M", "pc", "-accel", "kvm", "-m", "16M", "-nodefaults",
+            "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *args]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and range of several runs, as every benchmark reports them."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values)}
 
 
 def build_c(name: str) -> Path:

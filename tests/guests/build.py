@@ -3,10 +3,13 @@
     python tests/guests/build.py hello            # prints the path of hello.bin
     python tests/guests/build.py demo --out FILE  # a flat binary at FILE
     python tests/guests/build.py linux            # the Linux-shaped test kernel (bzImage)
+    python tests/guests/build.py firmware/outloop --count 20000   # a tiny x86 firmware image
 
 Every program is start.S + programs/NAME.c (or programs/NAME.S alone) linked at 1 MiB by
-guest.ld. The cache key covers the sources, the flags and the compiler version, so a change
-to any of them rebuilds.
+guest.ld. The tiny firmware (firmware/: outloop, flashwork) is firmware/start.S +
+firmware/NAME.S assembled for i386 and linked to end at 4 GiB by firmware/firmware.ld, a
+flat image with the reset vector in its last 16 bytes. The cache key covers the sources, the
+flags and the compiler version, so a change to any of them rebuilds.
 """
 
 from __future__ import annotations
@@ -137,6 +140,116 @@ def _symbol(elf: Path, name: str) -> int:
     raise GuestBuildError(f"symbol {name} missing from {elf}")
 
 
+FIRMWARE_DIR = HERE / "firmware"
+FIRMWARE_PROGRAMS = ("outloop", "flashwork")
+FIRMWARE_SIZE = 64 * 1024  # the whole image, padded with 0xff: a valid pc flash bank
+FIRMWARE_RESET_VECTOR = FIRMWARE_SIZE - 16  # CS:IP F000:FFF0 = 4 GiB - 16
+FIRMWARE_PARAMS = FIRMWARE_SIZE - 32  # "LVTF", count (u32), checksum (u32), reserved
+FIRMWARE_MAGIC = b"LVTF"
+OUTLOOP_DEFAULT_COUNT = 1000
+# flashwork's vars store (bank 1, directly below the image): what it programs and erases
+FLASHWORK_VARS_SIZE = 64 * 1024
+FLASHWORK_PROGRAM_OFFSET = 0x1000  # sector 1: erased in the initial store, then programmed
+FLASHWORK_PROGRAM_TEXT = b"flashwork wrote!"  # four 32-bit words
+FLASHWORK_ERASE_OFFSET = 0x2000  # sector 2: a pattern in the initial store, then erased
+FLASHWORK_DONE = "flashwork done"
+FIRMWARE_ASFLAGS = ["-m32", "-c", "-nostdlib", "-ffreestanding", "-Wa,--noexecstack",
+                    f"-DFW_SIZE={FIRMWARE_SIZE:#x}", f"-DVARS_SIZE={FLASHWORK_VARS_SIZE:#x}",
+                    f"-DPROGRAM_OFFSET={FLASHWORK_PROGRAM_OFFSET:#x}",
+                    f"-DPROGRAM_WORDS={len(FLASHWORK_PROGRAM_TEXT) // 4}",
+                    f"-DPROGRAM_TEXT=\"{FLASHWORK_PROGRAM_TEXT.decode()}\"",
+                    f"-DERASE_OFFSET={FLASHWORK_ERASE_OFFSET:#x}"]
+FIRMWARE_LDFLAGS = ["-m", "elf_i386", "-static", "-nostdlib", "--build-id=none",
+                    "-z", "noexecstack", f"--defsym=FW_BASE={(1 << 32) - FIRMWARE_SIZE:#x}"]
+
+
+def build_firmware(name: str, count: int | None = None) -> Path:
+    """Path to the tiny x86 firmware firmware/NAME as a flat FIRMWARE_SIZE image (cached).
+    ``count`` (outloop's number of port writes, default OUTLOOP_DEFAULT_COUNT) is patched
+    into the parameter block; every image gets the checksum word that makes its 32-bit
+    words sum to 0 (flashwork checks it while it reads the code bank)."""
+    if name not in FIRMWARE_PROGRAMS:
+        raise GuestBuildError(f"no tiny firmware {name!r}: expected one of "
+                              f"{', '.join(FIRMWARE_PROGRAMS)}")
+    if count is not None and not 0 <= count < 1 << 32:
+        raise GuestBuildError(f"firmware count {count} does not fit 32 bits")
+    srcs = [FIRMWARE_DIR / "start.S", FIRMWARE_DIR / f"{name}.S"]
+    digest = hashlib.sha256()
+    for item in [*srcs, FIRMWARE_DIR / "firmware.h", FIRMWARE_DIR / "firmware.ld"]:
+        digest.update(item.name.encode() + b"\0" + item.read_bytes())
+    digest.update(" ".join(FIRMWARE_ASFLAGS + FIRMWARE_LDFLAGS).encode())
+    digest.update(_compiler_version().encode() + _tool_version("ld").encode())
+    out_dir = CACHE / f"firmware-{name}-{digest.hexdigest()[:16]}"
+    base = out_dir / f"{name}.bin"
+    if not base.exists():
+        tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        objects = []
+        for src in srcs:
+            obj = tmp / f"{src.stem}.o"
+            _run(["gcc", *FIRMWARE_ASFLAGS, f"-I{FIRMWARE_DIR}", str(src), "-o", str(obj)])
+            objects.append(str(obj))
+        elf = tmp / f"{name}.elf"
+        _run(["ld", *FIRMWARE_LDFLAGS, "-T", str(FIRMWARE_DIR / "firmware.ld"), *objects,
+              "-o", str(elf)])
+        raw = tmp / f"{name}.raw"
+        _run(["objcopy", "-O", "binary", "--gap-fill=0xff", str(elf), str(raw)])
+        image = raw.read_bytes()
+        if len(image) != FIRMWARE_SIZE:
+            raise GuestBuildError(f"{name}: the linked image is {len(image)} bytes, expected "
+                                  f"{FIRMWARE_SIZE} (see firmware/firmware.ld)")
+        if image[FIRMWARE_PARAMS:FIRMWARE_PARAMS + 4] != FIRMWARE_MAGIC:
+            raise GuestBuildError(f"{name}: no parameter block at offset {FIRMWARE_PARAMS:#x}")
+        (tmp / base.name).write_bytes(patch_firmware(image, OUTLOOP_DEFAULT_COUNT))
+        _publish(tmp, out_dir)
+    if count is None or count == OUTLOOP_DEFAULT_COUNT:
+        return base
+    variant = out_dir / f"{name}-n{count}.bin"
+    if not variant.exists():
+        tmp_file = variant.with_name(f"{variant.name}.{os.getpid()}.tmp")
+        tmp_file.write_bytes(patch_firmware(base.read_bytes(), count))
+        tmp_file.rename(variant)  # atomic: a concurrent writer wrote the same bytes
+    return variant
+
+
+def patch_firmware(image: bytes, count: int) -> bytes:
+    """``image`` with ``count`` in its parameter block and the checksum word fixed so that
+    its 32-bit little-endian words sum to 0 modulo 2**32."""
+    out = bytearray(image)
+    at = FIRMWARE_PARAMS
+    out[at + 4:at + 12] = count.to_bytes(4, "little") + bytes(4)
+    total = sum(int.from_bytes(out[i:i + 4], "little") for i in range(0, len(out), 4))
+    out[at + 8:at + 12] = (-total % (1 << 32)).to_bytes(4, "little")
+    return bytes(out)
+
+
+def flashwork_vars() -> bytes:
+    """The vars store flashwork expects: erased (0xff) but for a header in sector 0 and a
+    pattern filling the sector it erases."""
+    store = bytearray(b"\xff" * FLASHWORK_VARS_SIZE)
+    header = b"leanvm tiny firmware vars store\n"
+    store[:len(header)] = header
+    erase = FLASHWORK_ERASE_OFFSET
+    store[erase:erase + 4096] = bytes((i * 13 + 1) & 0xFF for i in range(4096))
+    return bytes(store)
+
+
+def flashwork_vars_after(store: bytes) -> bytes:
+    """``store`` as flashwork leaves it: the words programmed, the sector erased."""
+    out = bytearray(store)
+    start = FLASHWORK_PROGRAM_OFFSET
+    out[start:start + len(FLASHWORK_PROGRAM_TEXT)] = FLASHWORK_PROGRAM_TEXT
+    out[FLASHWORK_ERASE_OFFSET:FLASHWORK_ERASE_OFFSET + 4096] = b"\xff" * 4096
+    return bytes(out)
+
+
+def _tool_version(tool: str) -> str:
+    if shutil.which(tool) is None:
+        raise GuestBuildError(f"{tool} is not installed: run 'make test' (it installs binutils)")
+    return subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout
+
+
 def _run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -148,8 +261,14 @@ def main() -> int:
     parser.add_argument("name")
     parser.add_argument("--elf", action="store_true", help="the ELF rather than the flat binary")
     parser.add_argument("--out", type=Path, help="copy the result here")
+    parser.add_argument("--count", type=int, help="firmware/outloop: number of port writes")
     args = parser.parse_args()
-    path = build_test_kernel() if args.name == "linux" else build_guest(args.name, "elf" if args.elf else "bin")
+    if args.name.startswith("firmware/"):
+        path = build_firmware(args.name.removeprefix("firmware/"), args.count)
+    elif args.name == "linux":
+        path = build_test_kernel()
+    else:
+        path = build_guest(args.name, "elf" if args.elf else "bin")
     if args.out:
         shutil.copyfile(path, args.out)
         path = args.out
