@@ -21,13 +21,15 @@ import time
 from _common import build_guest, median, save
 
 from leanvm.devices.bus import Bus
-from leanvm.devices.probe import PORT, PORT_SIZE, ProbePort
+from leanvm.devices.probe import PORT_SIZE, ProbePort
 from leanvm.machine.machine import Machine
+from leanvm.machine.platform import PORT as PLATFORM_PORTS
 from leanvm.machine.tracing import BootTrace
 from leanvm.trace.events import Tracer
 
 PLATFORM = 0xD0FF_F000
 PROBE_ID = 5000
+PORT = PLATFORM_PORTS["probe"].base
 
 
 def direct_once(events: int, trace: bool) -> float:

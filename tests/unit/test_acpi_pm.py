@@ -125,4 +125,6 @@ def test_block_layout_matches_what_the_fadt_says() -> None:
     assert acpi_pm.PM1_EVT_OFFSET == 0 and acpi_pm.PM1_EVT_LEN == 4
     assert acpi_pm.PM1_CNT_OFFSET == 4 and acpi_pm.PM1_CNT_LEN == 2
     assert acpi_pm.PM_TMR_OFFSET == 8 and acpi_pm.PM_TMR_LEN == 4
-    assert acpi_pm.PORT_SIZE == 12 and acpi_pm.SCI_IRQ == 9
+    from leanvm.machine.platform import IRQ, PORT
+
+    assert acpi_pm.PORT_SIZE == PORT["acpi-pm"].size == 12 and IRQ["acpi-pm"] == 9

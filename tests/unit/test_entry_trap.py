@@ -3,7 +3,7 @@ and only a fault inside the trapped page counts as the entry."""
 
 from __future__ import annotations
 
-from leanvm.machine.builder import Memslots
+from leanvm.machine.memory_manager import Memslots
 from leanvm.machine.entry_trap import EntryTrap, RamWindow
 from leanvm.devices.bus import Bus
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind

@@ -532,7 +532,7 @@ def with_devices(memory: GuestMemory):
     and a register page at DEVICE_PHYS; a Fallback wired to both."""
     from leanvm.devices.bus import Bus
     from leanvm.devices.pflash import PC_GEOMETRY, CfiFlash
-    from leanvm.machine.builder import Memslots
+    from leanvm.machine.memory_manager import Memslots
     from leanvm.machine.fallback.device_pages import memslot_backing
 
     rom = memory.find(ROM_BASE)
@@ -684,7 +684,7 @@ def test_pages_are_read_from_where_the_memslots_map_them(memory) -> None:
     flash alias at 0xE0000) reads as that memory, and a store to it goes to the bus, as a
     guest store to a read-only memslot does, instead of into the RAM underneath."""
     from leanvm.devices.bus import Bus
-    from leanvm.machine.builder import Memslots
+    from leanvm.machine.memory_manager import Memslots
     from leanvm.machine.fallback.device_pages import memslot_backing
 
     rom = memory.find(ROM_BASE)

@@ -151,7 +151,7 @@ def test_hostile_descriptors_never_escape_guest_memory(control: int, length: int
 
 def test_kernel_items_as_firmware_reads_them(memory: GuestMemory) -> None:
     from leanvm.loader.fwcfg_kernel import plan_firmware_kernel
-    from leanvm.machine.builder import add_firmware_kernel
+    from leanvm.machine.platform import add_firmware_kernel
     from tests.unit.test_bzimage import make_bzimage
 
     kernel = memoryview(make_bzimage(kernel=bytes(range(256)) * 20))

@@ -30,6 +30,10 @@ from leanvm.devices.pflash import CfiFlash
 from leanvm.devices.port92 import Port92
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import map_anonymous
+from leanvm.machine.platform import PORT as PLATFORM_PORTS
+
+FW_CFG_PORT = PLATFORM_PORTS["fw_cfg"].base
+PROBE_PORT = PLATFORM_PORTS["probe"].base
 
 KiB, MiB = 1 << 10, 1 << 20
 FAST = settings(max_examples=60, deadline=None,
@@ -194,7 +198,7 @@ def test_probe_port_and_mmio_twin(ops: list, mmio: bool) -> None:
     fired: list[tuple[int, tuple[int, ...]]] = []
     dev = probe.ProbePort(lambda value, args: fired.append((value, args)))
     bus = Bus("mmio" if mmio else "pio", 1 << 40 if mmio else 0x10000)
-    base = 0xFEB0_0000 if mmio else probe.PORT
+    base = 0xFEB0_0000 if mmio else PROBE_PORT
     bus.register(base, probe.PORT_SIZE, dev, "probe")
     drive(bus, base, ops)
     assert len(fired) == dev.fired
@@ -327,7 +331,7 @@ def test_fw_cfg_dma_descriptors_pointing_anywhere(descriptors: list, wide: bool,
         dev.add_file("etc/writable", bytes(24), writable=True)
         sizes = {key: len(item.data) for key, item in dev.items.items()}
         bus = Bus("pio", 0x10000)
-        bus.register(fw_cfg.PORT_BASE, fw_cfg.PORT_SIZE, dev, "fw_cfg")
+        bus.register(FW_CFG_PORT, fw_cfg.PORT_SIZE, dev, "fw_cfg")
         ram = memory.regions[0].view
         for at, control, length, target in descriptors:
             in_ram = 0 <= at and at + 16 <= RAM
@@ -340,11 +344,11 @@ def test_fw_cfg_dma_descriptors_pointing_anywhere(descriptors: list, wide: bool,
             memory.writes.clear()
             at &= (1 << 64) - 1
             if wide:  # one 64-bit write of the whole register (as an MMIO fw_cfg takes it)
-                bus.write(fw_cfg.PORT_BASE + fw_cfg.DMA_ADDRESS, 8,
+                bus.write(FW_CFG_PORT + fw_cfg.DMA_ADDRESS, 8,
                           int.from_bytes(at.to_bytes(8, "big"), "little"))
             else:  # high half, then the low half starts the transfer
-                bus.write(fw_cfg.PORT_BASE + fw_cfg.DMA_ADDRESS, 4, _be32(at >> 32))
-                bus.write(fw_cfg.PORT_BASE + fw_cfg.DMA_ADDRESS + 4, 4, _be32(at & 0xFFFFFFFF))
+                bus.write(FW_CFG_PORT + fw_cfg.DMA_ADDRESS, 4, _be32(at >> 32))
+                bus.write(FW_CFG_PORT + fw_cfg.DMA_ADDRESS + 4, 4, _be32(at & 0xFFFFFFFF))
             # the device reads only the descriptor and the target, and writes only the
             # descriptor's control word and the target
             assert all(_inside(r, [(at, 16), (target, length)]) for r in memory.reads)
@@ -356,7 +360,7 @@ def test_fw_cfg_dma_descriptors_pointing_anywhere(descriptors: list, wide: bool,
             assert after == before  # nothing else in guest memory changed
             if in_ram:
                 assert struct.unpack(">I", ram[at:at + 4])[0] in (0, fw_cfg.CTL_ERROR)
-        drive(bus, fw_cfg.PORT_BASE, port_ops)
+        drive(bus, FW_CFG_PORT, port_ops)
         assert bytes(memory.regions[1].view) == bytes(ROM_SIZE)  # read-only memory untouched
         assert {key: len(item.data) for key, item in dev.items.items()} == sizes  # no growth
         assert all(t.bytes >= 0 and t.key in sizes for t in transfers)
@@ -386,8 +390,8 @@ def test_the_whole_port_space(ops: list) -> None:
                 (0x70, 2, Cmos(RAM, 0, clock=lambda: 0.0), "cmos"),
                 (0x92, 1, Port92(lambda: calls.append("reset")), "port92"),
                 (0x402, 1, DebugCon(lambda d: None), "debugcon"),
-                (fw_cfg.PORT_BASE, fw_cfg.PORT_SIZE, FwCfg(memory), "fw_cfg"),
-                (0xCF8, 8, PciHost(), "pci"), (probe.PORT, probe.PORT_SIZE, probe.ProbePort(), "probe"),
+                (FW_CFG_PORT, fw_cfg.PORT_SIZE, FwCfg(memory), "fw_cfg"),
+                (0xCF8, 8, PciHost(), "pci"), (PROBE_PORT, probe.PORT_SIZE, probe.ProbePort(), "probe"),
                 (0x600, ACPI_SIZE, AcpiPm(lambda: calls.append("poweroff")), "acpi-pm")]:
             bus.register(base, size, device, name)
         claimed = 0

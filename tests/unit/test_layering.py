@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "leanvm"
 LAYER = {
     "errors": 0, "abi": 0, "trace.events": 0, "fileio": 0, "version": 0,
     "kvm": 1, "memory": 1,
-    "devices": 2, "loader": 2, "firmware": 2, "dump": 2, "layout": 2, "trace": 2,
+    "devices": 2, "loader": 2, "firmware": 2, "layout": 2, "trace": 2,
     "machine": 3,
     "cli": 4, "__main__": 5,  # python -m leanvm: the very top
 }
@@ -89,3 +89,65 @@ def test_the_check_reports_upward_and_sideways_imports() -> None:
     assert violations("leanvm.loader.bare", "from ..cli import main\n")
     assert not violations("leanvm.loader.bare", "from leanvm.memory.guest import GuestMemory\n")
     assert not violations("leanvm.machine.cpu", "from leanvm.kvm.vcpu import Vcpu\n")
+
+
+def module_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    """leanvm modules imported when ``module`` itself is imported: top-level statements only
+    (imports inside functions run later, and TYPE_CHECKING blocks never)."""
+    kept: list[ast.stmt] = []
+
+    def collect(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue  # runs when called, not when imported
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                kept.append(node)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    collect([n for n in inner if isinstance(n, ast.stmt)] +
+                            [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body])
+
+    collect(ast.parse(source).body)
+    return imports_of(ast.unparse(ast.Module(body=kept, type_ignores=[])), module, is_package)
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle in ``graph`` (module -> modules it imports), each once."""
+    cycles: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for target in sorted(graph.get(node, ())):
+            if target in path:
+                cycle = path[path.index(target):]
+                key = tuple(sorted(cycle))
+                if key not in seen:
+                    seen.add(key)
+                    cycles.append(cycle + [target])
+            elif len(path) < 12:
+                visit(target, path + [target])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    return cycles
+
+
+def test_no_import_cycles_between_modules_of_one_package() -> None:
+    graph: dict[str, set[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        name = module_name(path)
+        package = name.rsplit(".", 1)[0] if path.name != "__init__.py" else name
+        targets = set(module_imports(path.read_text(), name, path.name == "__init__.py"))
+        graph[name] = {t for t in targets if t != name and t.rsplit(".", 1)[0] == package}
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_cycles() -> None:
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    assert module_imports("if TYPE_CHECKING:\n    import leanvm.x\nimport leanvm.y\n"
+                          "def f():\n    import leanvm.w\n", "leanvm.z") == ["leanvm.y"]

@@ -90,7 +90,8 @@ def test_index_outside_the_count_is_refused() -> None:
 def test_fw_cfg_reports_the_vcpu_count() -> None:
     from leanvm.devices import fw_cfg
     from leanvm.layout.x86 import plan_x86_layout
-    from leanvm.machine.builder import build_fw_cfg, build_ram
+    from leanvm.machine.memory_manager import build_ram
+    from leanvm.machine.platform import firmware_config as build_fw_cfg
 
     plan = plan_x86_layout(16 << 20, pa_bits=40)
     memory = build_ram(plan)

@@ -42,6 +42,8 @@ class _Formatter(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """No abbreviations, no glued short options, usage errors as one line."""
 
+    command_seen: str | None = None  # the subcommand on the command line, for error hints
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         kwargs["allow_abbrev"] = False
@@ -62,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
             else:
                 message = f"unexpected argument {first!r}"
             # The root parser reports what a subcommand left over: point at that one's help.
-            command = getattr(self, "command_seen", None)
+            command = self.command_seen
             if command:
                 raise UsageError(f"{self.prog} {command}: {message} (see {self.prog} "
                                  f"{command} --help)")
@@ -94,7 +96,7 @@ def _plain_usage_message(message: str) -> str:
     return f"{option}: {rest}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     from leanvm.cli import flash, initrd, kernel, memmap, run, trace, version
 
     parser = _Parser(prog="leanvm", description=DESCRIPTION)
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         words = list(sys.argv[1:] if argv is None else argv)
-        parser.command_seen = next((w for w in words if not w.startswith("-")), None)  # type: ignore[attr-defined]
+        parser.command_seen = next((w for w in words if not w.startswith("-")), None)
         args = parser.parse_args(words)
         if args.command is None:
             parser.print_help()

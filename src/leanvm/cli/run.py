@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from leanvm.machine.config import MachineConfig
+    from leanvm.machine.machine import Machine
+    from leanvm.machine.result import RunResult
 
 
 def _seconds(text: str) -> float:
@@ -165,49 +174,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def handle(args: argparse.Namespace) -> int:
-    from leanvm.machine.config import MachineConfig
+    from leanvm.fileio import check_output_path
     from leanvm.machine.machine import Machine
-
-    import os
-
-    from leanvm.cli.memmap import parse_settings
-    from leanvm.errors import ConfigError
 
     for option, note in args.qemu_no_ops:
         if note:
             print(f"leanvm: note: {option} has no effect: {note}", file=sys.stderr)
-    hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
-    from leanvm.machine.flash import parse_drive_option, parse_flash_option
-
-    flash = [parse_flash_option(text) for text in args.flash]
-    flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
-    machine_name, machine_settings = _machine_option(args.machine)
-    settings = {**machine_settings, **parse_settings(args.set)}
-    if args.accel is not None and args.accel.split(",")[0] != "kvm":
-        raise ConfigError(f"bad -accel {args.accel!r}: leanvm runs guests on KVM only "
-                          "(-accel kvm)")
-    if args.until is not None and not args.until:
-        raise ConfigError("bad --until '': give the text to wait for (empty text would "
-                          "match at once)")
-    config = MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
-                           bios=args.bios, debugcon=args.debugcon, guest=args.guest,
-                           kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
-                           trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
-                           smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
-                           initrd_unpack=args.initrd_unpack, sample_hz=args.sample_rip,
-                           symbols=args.symbols,
-                           emulation_fallback=args.emulation_fallback,
-                           probe_names=_probe_table(args.probes) if args.probes else (),
-                           machine=machine_name, name=args.name,
-                           pa_bits=args.pa_bits, args=args.args, serial=args.serial,
-                           hide_cpu_features=hidden, layout=tuple(settings.items()),
-                           kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
-    if args.symbols is not None and not os.access(args.symbols, os.R_OK):
-        raise ConfigError(f"{args.symbols}: cannot read the symbols file")
-    if args.symbols is not None and not args.sample_rip:
-        raise ConfigError("--symbols names sampled addresses: give --sample-rip HZ too")
-    from leanvm.fileio import check_output_path
-
+    config = machine_config(args)
     if args.trace is not None:  # every output is checked before anything is built
         check_output_path(args.trace, "trace")
     if args.stats_json is not None:
@@ -225,7 +198,7 @@ def handle(args: argparse.Namespace) -> int:
         if not args.quiet:
             from leanvm.cli.summary import print_summary
 
-            print_summary(machine, result, sys.stderr)
+            print_summary(result, sys.stderr)
         if args.trace:
             machine.write_trace(args.trace)
         if args.timeline:
@@ -235,38 +208,68 @@ def handle(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-_current: list = []  # the machine a terminating signal stops (the CLI runs one at a time)
+def machine_config(args: argparse.Namespace) -> "MachineConfig":
+    """The command line as a MachineConfig (which checks every value)."""
+    import os
+
+    from leanvm.cli.memmap import parse_settings
+    from leanvm.errors import ConfigError
+    from leanvm.machine.config import MachineConfig
+    from leanvm.machine.flash import parse_drive_option, parse_flash_option
+
+    hidden = tuple(f.strip() for f in args.cpu_hide.split(",") if f.strip())
+    flash = [parse_flash_option(text) for text in args.flash]
+    flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
+    machine_name, machine_settings = _machine_option(args.machine)
+    settings = {**machine_settings, **parse_settings(args.set)}
+    if args.accel is not None and args.accel.split(",")[0] != "kvm":
+        raise ConfigError(f"bad -accel {args.accel!r}: leanvm runs guests on KVM only "
+                          "(-accel kvm)")
+    if args.until is not None and not args.until:
+        raise ConfigError("bad --until '': give the text to wait for (empty text would "
+                          "match at once)")
+    return MachineConfig(memory=args.memory, flash=tuple(flash), max_fw_size=args.max_fw_size,
+                         bios=args.bios, debugcon=args.debugcon, guest=args.guest,
+                         kernel=args.kernel, initrd=args.initrd, cmdline=args.append,
+                         trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
+                         smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
+                         initrd_unpack=args.initrd_unpack, sample_hz=args.sample_rip,
+                         symbols=args.symbols, emulation_fallback=args.emulation_fallback,
+                         probe_names=_probe_table(args.probes) if args.probes else (),
+                         machine=machine_name, name=args.name, pa_bits=args.pa_bits,
+                         args=args.args, serial=args.serial, hide_cpu_features=hidden,
+                         layout=tuple(settings.items()),
+                         kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
 
 
-def _terminating_signals():  # type: ignore[no-untyped-def]
+_current: "list[Machine]" = []  # the machine a terminating signal stops (the CLI runs one at a time)
+
+
+@contextlib.contextmanager
+def _terminating_signals() -> "Iterator[None]":
     """SIGTERM and SIGHUP stop a running VM as Ctrl-C does (summary, trace and stats are
     written); before or after the run they end leanvm at once, cleanly."""
-    import contextlib
     import signal
     import threading
 
-    @contextlib.contextmanager
-    def installed():  # type: ignore[no-untyped-def]
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-        def on_signal(signum: int, frame: object) -> None:
-            machine = _current[-1] if _current else None
-            if machine is not None and machine.state.value == "running":
-                machine.stop(Terminated(signum).detail, signum)
-            else:
-                raise Terminated(signum)
+    def on_signal(signum: int, frame: object) -> None:
+        machine = _current[-1] if _current else None
+        if machine is not None and machine.state.value == "running":
+            machine.stop(Terminated(signum).detail, signum)
+        else:
+            raise Terminated(signum)
 
-        saved = {signum: signal.signal(signum, on_signal)
-                 for signum in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            yield
-        finally:
-            for signum, handler in saved.items():
-                signal.signal(signum, handler)
-
-    return installed()
+    saved = {signum: signal.signal(signum, on_signal)
+             for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _machine_option(text: str) -> tuple[str, dict[str, str]]:
@@ -316,16 +319,16 @@ def _probe_table(path: Path) -> tuple[tuple[int, str], ...]:
     return tuple(table)
 
 
-def _write_stats(path: Path, result: object) -> None:
+def _write_stats(path: Path, result: "RunResult") -> None:
     import json
 
     from leanvm.fileio import write_atomic
 
-    data = result.stats()  # type: ignore[attr-defined]
+    data = result.stats()
     write_atomic(path, (json.dumps(data, indent=1) + "\n").encode(), "stats")
 
 
-def _wait_paused(machine: object, quiet: bool) -> int:
+def _wait_paused(machine: "Machine", quiet: bool) -> int:
     import signal
 
     if not quiet:

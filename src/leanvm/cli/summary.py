@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from leanvm.machine.machine import Machine, RunResult
-    from leanvm.machine.sampler import RipSampler
+    from leanvm.machine.result import RunResult, SampleSummary
 
 
 def human(size: int, suffix: str = "") -> str:
@@ -21,95 +20,86 @@ def human(size: int, suffix: str = "") -> str:
     return f"{size} B" if suffix else f"{size}B"
 
 
-def print_summary(machine: Machine, result: RunResult, stream: TextIO) -> None:
-    """Guest-controlled text (the stop detail, console lines, symbol names) is data: printed
-    without markup, emoji codes or control characters."""
+def print_summary(result: "RunResult", stream: TextIO) -> None:
+    """The summary of one run, from its RunResult alone. Guest-controlled text (the stop
+    detail, console lines, symbol names) is data: printed without markup, emoji codes or
+    control characters."""
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
     from leanvm.cli.main import one_line
+    from leanvm.machine.cpu_profile import reasons_for
 
-    if _ends_mid_line(machine):  # the guest's last console line is unfinished
+    if result.ends_mid_line:  # the guest's last console line is unfinished
         stream.write("\n")
     console = Console(file=stream, highlight=False, soft_wrap=True, emoji=False)
-    name = f" {one_line(machine.config.name)!r}" if machine.config.name else ""
+    name = f" {one_line(result.name)!r}" if result.name else ""
     console.print(Text.assemble(("leanvm:", "bold"), f" guest{name} stopped: "
                                 f"{result.reason.value}: {one_line(result.detail)}"))
-    plain = {"markup": False}
-    console.print(f"  first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
-                  "process start", **plain)
-    note = machine.kernel_boot_note
-    if note:
-        loaded = machine.direct_kernel
-        entry_at = f"; entry {loaded.entry:#x}" if loaded is not None else ""
-        console.print(f"  kernel                  {one_line(note)}{entry_at}", **plain)
-    added = machine.cmdline_added
-    if added:
-        from leanvm.machine.cpu_profile import reasons_for
-
-        console.print(f"  kernel command line + {' '.join(added)} (emulated CPU profile: "
-                      f"{'; '.join(reasons_for(added))})", **plain)
+    lines = [f"first guest instruction {result.to_first_instruction_ms:8.1f} ms after "
+             "process start"]
+    if result.boot_note:
+        entry = (f"; entry {result.kernel_entry_point:#x}"
+                 if result.kernel_entry_point is not None else "")
+        lines.append(f"kernel                  {one_line(result.boot_note)}{entry}")
+    if result.cmdline_added:
+        lines.append(f"kernel command line + {' '.join(result.cmdline_added)} (emulated CPU "
+                     f"profile: {'; '.join(reasons_for(result.cmdline_added))})")
     entry = result.kernel_entry
     if entry is not None:
-        console.print(f"  kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "
-                      f"process start, at {entry.address:#x} ({entry.cs:04x}:{entry.rip:04x})",
-                      **plain)
-    elif machine.kernel is not None:
-        console.print("  kernel entry            not reached", **plain)
-    console.print(f"  stopped                 {result.to_stop_ms:8.1f} ms after process start",
-                  **plain)
-    pio, mmio = machine.platform.pio, machine.platform.mmio
-    console.print(f"  vCPU exits {result.exits}; device accesses: port I/O {pio.accesses} "
-                  f"({pio.unclaimed_reads + pio.unclaimed_writes} unclaimed), "
-                  f"MMIO {mmio.accesses} ({mmio.unclaimed_reads + mmio.unclaimed_writes} "
-                  "unclaimed)", **plain)
-    fallback = machine.fallback
-    if fallback is not None and fallback.total:  # docs/emulation.md
-        console.print(f"  {one_line(fallback.summary())}", **plain)
-    sampler = machine.sampler
-    if sampler is not None:
-        _print_samples(console, sampler)
+        lines.append(f"kernel entry            {result.to_kernel_entry_ms:8.1f} ms after "
+                     f"process start, at {entry.address:#x} ({entry.cs:04x}:{entry.rip:04x})")
+    elif result.kernel_expected:
+        lines.append("kernel entry            not reached")
+    lines.append(f"stopped                 {result.to_stop_ms:8.1f} ms after process start")
+    done = result.accesses
+    if done is not None:
+        lines.append(f"vCPU exits {result.exits}; device accesses: port I/O {done.pio} "
+                     f"({done.pio_unclaimed} unclaimed), MMIO {done.mmio} "
+                     f"({done.mmio_unclaimed} unclaimed)")
+    if result.fallback_summary:  # docs/emulation.md
+        lines.append(one_line(result.fallback_summary))
+    for line in lines:
+        console.print("  " + line, markup=False)
+    if result.samples is not None:
+        _print_samples(console, result.samples)
+    _print_memory(console, result)
+
+
+def _print_memory(console: "Console", result: "RunResult") -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = result.stats()["residency"]
+    if rows is None:
+        return
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
     for column in ("region", "guest address", "size", "resident", "private"):
         table.add_column(column, justify="left" if column in ("region", "guest address") else "right")
-    regions = {r.name: r for r in machine.memory.regions}
-    total_resident = total_private = 0
-    for item in machine.residency():
-        region = regions[item.name]
-        table.add_row(Text(item.name), f"{region.base:#x}-{region.end - 1:#x}",
-                      human(item.size), human(item.resident), human(item.private))
-        total_resident += item.resident
-        total_private += item.private
-    table.add_row("total", "", human(sum(r.size for r in regions.values())), human(total_resident),
-                  human(total_private))
-    console.print("  host memory by region:", **plain)
+    for row in rows:
+        table.add_row(Text(row["name"]), f"{row['base']:#x}-{row['base'] + row['size'] - 1:#x}",
+                      human(row["size"]), human(row["resident"]), human(row["private"]))
+    table.add_row("total", "", human(sum(r["size"] for r in rows)),
+                  human(sum(r["resident"] for r in rows)), human(sum(r["private"] for r in rows)))
+    console.print("  host memory by region:", markup=False)
     console.print(table)
 
 
-def _ends_mid_line(machine: "Machine") -> bool:
-    """Whether the terminal's cursor is after guest text that did not end its line."""
-    outputs = ((machine.config.serial.mode, machine.console),
-               (machine.config.debugcon.mode, machine.debug_console))
-    return any(mode == "stdio" and text and not text.endswith(b"\n") for mode, text in outputs)
-
-
-def _print_samples(console: "Console", sampler: "RipSampler") -> None:
+def _print_samples(console: "Console", samples: "SampleSummary") -> None:
     from rich.table import Table
     from rich.text import Text
 
     from leanvm.cli.main import one_line
 
-    total = len(sampler.samples)
-    which = "vCPU 0" if sampler.vcpus == 1 else f"vCPUs 0-{sampler.vcpus - 1}"
-    console.print(f"  guest RIP samples {total} at {sampler.hz:g} Hz ({which}); "
-                  f"{one_line(sampler.symbol_note or 'no samples')}", markup=False)
-    if not total:
+    which = "vCPU 0" if samples.vcpus == 1 else f"vCPUs 0-{samples.vcpus - 1}"
+    console.print(f"  guest RIP samples {samples.count} at {samples.hz:g} Hz ({which}); "
+                  f"{one_line(samples.note or 'no samples')}", markup=False)
+    if not samples.count:
         return
     table = Table(title=None, box=None, pad_edge=False, show_edge=False)
     table.add_column("where")
     table.add_column("samples", justify="right")
     table.add_column("share", justify="right")
-    for where, count in sampler.top(10):
-        table.add_row(Text(one_line(where)), str(count), f"{100 * count / total:.1f}%")
+    for where, count in samples.top:
+        table.add_row(Text(one_line(where)), str(count), f"{100 * count / samples.count:.1f}%")
     console.print(table)

@@ -27,12 +27,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-PORT_BASE = 0x600  # I/O ports of the block; the FADT gives the guest these addresses
 PORT_SIZE = 12
 PM1_EVT_OFFSET, PM1_EVT_LEN = 0, 4  # PM1a_EVT_BLK: PM1_STS then PM1_EN
 PM1_CNT_OFFSET, PM1_CNT_LEN = 4, 2  # PM1a_CNT_BLK
 PM_TMR_OFFSET, PM_TMR_LEN = 8, 4  # PM_TMR_BLK
-SCI_IRQ = 9  # FADT SCI_INT (ISA IRQ, identity-routed to GSI 9)
 
 PM_TIMER_HZ = 3_579_545  # the ACPI PM timer's fixed frequency
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 INDEX = 0  # port 0x70: bit 7 masks NMI, bits 0-6 select a register
 DATA = 1  # port 0x71
-PORT_BASE, PORT_SIZE = 0x70, 2
+PORT_SIZE = 2  # index, data (where: machine/platform.py)
 
 SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
 WEEKDAY, DAY, MONTH, YEAR = 0x06, 0x07, 0x08, 0x09

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-DEBUGCON_PORT = 0x402
 PRESENT = 0xE9  # what a read returns
 
 

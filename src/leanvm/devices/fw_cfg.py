@@ -29,7 +29,7 @@ SELECTOR = 0  # 16-bit
 DATA = 1  # 8-bit
 DMA_ADDRESS = 4  # 8 bytes, big-endian: 4..11
 DMA_SIGNATURE = b"QEMU CFG"
-PORT_BASE, PORT_SIZE = 0x510, 12
+PORT_SIZE = 12  # selector, data, DMA address (where: machine/platform.py)
 
 # item keys (QEMU docs/specs/fw_cfg.rst)
 SIGNATURE = 0x00  # "QEMU"

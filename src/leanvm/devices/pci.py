@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 ADDRESS = 0  # port 0xCF8
 DATA = 4  # ports 0xCFC-0xCFF
-PORT_BASE, PORT_SIZE = 0xCF8, 8
+PORT_SIZE = 8  # CONFIG_ADDRESS, CONFIG_DATA (where: machine/platform.py)
 ENABLE = 1 << 31
 
 VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06

@@ -195,73 +195,82 @@ class CfiFlash:
             self._on_romd(self.romd)
 
     def _write(self, offset: int, size: int, value: int) -> None:
-        command = value & 0xFF
+        """One bus write, by where the command sequence is (``wcycle``)."""
         if self.wcycle == 0:
-            self.romd = False
-            if command in (CMD_READ_ARRAY, CMD_READ_ARRAY_QEMU, CMD_AMD_RESET):
-                self._read_array()
-            elif command in (CMD_PROGRAM, CMD_PROGRAM_ALT, CMD_BLOCK_ERASE, CMD_LOCK_SETUP,
-                             CMD_CFI_QUERY):
-                self.cmd, self.wcycle = command, 1
-            elif command == CMD_CLEAR_STATUS:
-                self.status = 0x00
-                self._read_array()
-            elif command in (CMD_READ_STATUS, CMD_READ_ID):
-                self.cmd = command
-            elif command == CMD_WRITE_BUFFER:
-                self.status |= STATUS_READY
-                self.cmd, self.wcycle = command, 1
-            else:
-                self._read_array()  # unknown command: back to reading the array
-            return
-        cmd = self.cmd
-        if self.wcycle == 1:
-            if cmd in (CMD_PROGRAM, CMD_PROGRAM_ALT):
-                self._program(offset, value.to_bytes(size, "little"))
+            self._first_cycle(value & 0xFF)
+        elif self.wcycle == 1:
+            self._second_cycle(offset, size, value)
+        elif self.wcycle == 2:
+            self._buffer_data(offset, size, value)
+        else:
+            self._buffer_confirm(value & 0xFF)
+
+    def _first_cycle(self, command: int) -> None:
+        self.romd = False
+        if command in (CMD_READ_ARRAY, CMD_READ_ARRAY_QEMU, CMD_AMD_RESET):
+            self._read_array()
+        elif command in (CMD_PROGRAM, CMD_PROGRAM_ALT, CMD_BLOCK_ERASE, CMD_LOCK_SETUP,
+                         CMD_CFI_QUERY):
+            self.cmd, self.wcycle = command, 1
+        elif command == CMD_CLEAR_STATUS:
+            self.status = 0x00
+            self._read_array()
+        elif command in (CMD_READ_STATUS, CMD_READ_ID):
+            self.cmd = command
+        elif command == CMD_WRITE_BUFFER:
+            self.status |= STATUS_READY
+            self.cmd, self.wcycle = command, 1
+        else:
+            self._read_array()  # unknown command: back to reading the array
+
+    def _second_cycle(self, offset: int, size: int, value: int) -> None:
+        cmd, command = self.cmd, value & 0xFF
+        if cmd in (CMD_PROGRAM, CMD_PROGRAM_ALT):
+            self._program(offset, value.to_bytes(size, "little"))
+            self.wcycle = 0
+        elif cmd == CMD_BLOCK_ERASE:
+            if command == CONFIRM:
+                self._erase(offset)
                 self.wcycle = 0
-            elif cmd == CMD_BLOCK_ERASE:
-                if command == CONFIRM:
-                    self._erase(offset)
-                    self.wcycle = 0
-                else:
-                    self._read_array()
-            elif cmd == CMD_LOCK_SETUP:
+            else:
+                self._read_array()
+        elif cmd == CMD_LOCK_SETUP:
+            if command in (LOCK_BLOCK, CONFIRM):
                 if command == LOCK_BLOCK:
                     self.locked.add(offset // self.geometry.sector_size)
-                    self.status |= STATUS_READY
-                    self.wcycle = 0
-                elif command == CONFIRM:
-                    self.locked.clear()
-                    self.status |= STATUS_READY
-                    self.wcycle = 0
                 else:
-                    self._read_array()
-            elif cmd == CMD_CFI_QUERY:
-                if command == CMD_READ_ARRAY:
-                    self._read_array()  # only 0xFF leaves query mode, as in QEMU
-            elif cmd == CMD_WRITE_BUFFER:
-                width = self.geometry.device_width or self.geometry.bank_width
-                self.counter = value & ((1 << (8 * width)) - 1)
-                self.buffer_base = -1
-                self.wcycle = 2
-            return
-        if self.wcycle == 2:  # write-to-buffer data: counter + 1 bus writes
-            buffer_size = self.geometry.buffer_size()
-            if self.buffer is None:
-                self.buffer_base = offset & ~(buffer_size - 1)
-                self.buffer = bytearray(self.array[self.buffer_base:self.buffer_base + buffer_size])
-            start = offset - self.buffer_base
-            if 0 <= start and start + size <= buffer_size:
-                self.buffer[start:start + size] = value.to_bytes(size, "little")
+                    self.locked.clear()
+                self.status |= STATUS_READY
+                self.wcycle = 0
             else:
-                self.status |= STATUS_PROGRAM_ERROR
-            self.status |= STATUS_READY
-            if self.counter == 0:
-                self.wcycle = 3
-            else:
-                self.counter -= 1
-            return
-        # wcycle 3: confirm the buffered write
+                self._read_array()
+        elif cmd == CMD_CFI_QUERY:
+            if command == CMD_READ_ARRAY:
+                self._read_array()  # only 0xFF leaves query mode, as in QEMU
+        elif cmd == CMD_WRITE_BUFFER:
+            width = self.geometry.device_width or self.geometry.bank_width
+            self.counter = value & ((1 << (8 * width)) - 1)
+            self.buffer_base = -1
+            self.wcycle = 2
+
+    def _buffer_data(self, offset: int, size: int, value: int) -> None:
+        """Write-to-buffer data: counter + 1 bus writes."""
+        buffer_size = self.geometry.buffer_size()
+        if self.buffer is None:
+            self.buffer_base = offset & ~(buffer_size - 1)
+            self.buffer = bytearray(self.array[self.buffer_base:self.buffer_base + buffer_size])
+        start = offset - self.buffer_base
+        if 0 <= start and start + size <= buffer_size:
+            self.buffer[start:start + size] = value.to_bytes(size, "little")
+        else:
+            self.status |= STATUS_PROGRAM_ERROR
+        self.status |= STATUS_READY
+        if self.counter == 0:
+            self.wcycle = 3
+        else:
+            self.counter -= 1
+
+    def _buffer_confirm(self, command: int) -> None:
         buffer, base = self.buffer, self.buffer_base
         self.buffer, self.buffer_base = None, -1
         if command == CONFIRM and not self.status & STATUS_PROGRAM_ERROR and buffer is not None:

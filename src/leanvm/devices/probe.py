@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-PORT, PORT_SIZE = 0x404, 8
+PORT_SIZE = 8  # where: machine/platform.py (port 0x404, after the 2011 patches)
 MMIO_SIZE = 8
 FIRE, ARG = 0, 4
 MAGIC = 0x4250564C  # "LVPB"

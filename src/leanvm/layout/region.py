@@ -14,6 +14,18 @@ class RegionState(Enum):
     RESERVED = "reserved"  # not present, but its space is kept (non-compact layouts)
 
 
+class RegionRole(Enum):
+    """What a region is for: code finds RAM, flash or KVM's private pages by role, never by
+    a region's name."""
+
+    RAM = "ram"  # guest RAM
+    HOTPLUG = "hotplug"  # device memory above RAM (memory hotplug, virtio-mem)
+    FLASH = "flash"  # one flash bank
+    FLASH_WINDOW = "flash-window"  # where flash banks may be placed
+    KVM_PRIVATE = "kvm-private"  # KVM's real-mode identity map and TSS (Intel)
+    WINDOW = "window"  # anything else: device windows, interrupt controllers, PCIe
+
+
 class Region(NamedTuple):
     """A guest-physical range. ``reason`` says why a region is disabled or reserved."""
 
@@ -22,6 +34,7 @@ class Region(NamedTuple):
     size: int
     state: RegionState = RegionState.ENABLED
     reason: str = ""
+    role: RegionRole = RegionRole.WINDOW
 
     @property
     def end(self) -> int:
@@ -34,7 +47,7 @@ class Region(NamedTuple):
 
     def describe_state(self) -> str:
         if self.state is RegionState.ENABLED:
-            return "enabled"
+            return f"enabled ({self.reason})" if self.role is RegionRole.FLASH else "enabled"
         return f"{self.state.value} ({self.reason})" if self.reason else self.state.value
 
 
@@ -56,6 +69,19 @@ class MemoryMap(NamedTuple):
     def enabled(self) -> tuple[Region, ...]:
         return tuple(r for r in self.regions if r.enabled)
 
+    def ram(self) -> tuple[Region, ...]:
+        """The enabled RAM regions, lowest first."""
+        return tuple(r for r in self.regions if r.enabled and r.role is RegionRole.RAM)
+
+    def low_ram(self) -> Region:
+        """The RAM region that starts at 0 (below the 32-bit holes)."""
+        return next(r for r in self.ram() if r.base == 0)
+
+    def with_regions(self, extra: "tuple[Region, ...]") -> "MemoryMap":
+        """This map with ``extra`` regions added in address order (flash banks)."""
+        ordered = tuple(sorted((*self.regions, *extra), key=lambda r: (r.base, r.name)))
+        return self._replace(regions=ordered)
+
     def to_json(self) -> dict[str, object]:
         return {
             "machine": self.machine,
@@ -65,7 +91,8 @@ class MemoryMap(NamedTuple):
             # end_exclusive = base + size; last = the region's last byte (what tables print)
             "regions": [{"name": r.name, "base": r.base, "end_exclusive": r.end,
                          "last": r.end - 1 if r.size else None, "size": r.size,
-                         "state": r.state.value, "reason": r.reason} for r in self.regions],
+                         "state": r.state.value, "reason": r.reason, "role": r.role.value}
+                        for r in self.regions],
         }
 
 

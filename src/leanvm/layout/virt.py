@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from leanvm.errors import ConfigError
-from leanvm.layout.region import GiB, MemoryMap, MiB, Region, RegionState, parse_switch, round_up
+from leanvm.layout.region import (GiB, MemoryMap, MiB, Region, RegionRole, RegionState, parse_switch,
+                                  round_up)
 
 # (name, base, size), hw/arm/virt.c base_memmap (the CPU peripherals container is left out:
 # the GIC regions inside it are listed; the 32 virtio-mmio transports are one region)
@@ -105,18 +106,7 @@ def plan_virt_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0
                      settings: dict[str, str] | None = None) -> MemoryMap:
     """QEMU's virt memory map for ``machine`` with ``-m ram_size,maxmem=..,slots=..``."""
     version = resolve_virt_version(machine)
-    props = virt_defaults(version)
-    for key, value in (settings or {}).items():
-        if key not in props:
-            raise ConfigError(f"unknown property {key!r} for {version.name}: expected one of "
-                              f"{', '.join(sorted(props))}")
-        if key == "gic-version":
-            if value not in GIC_VERSIONS:
-                raise ConfigError(f"Invalid gic-version value {value!r}: valid values are "
-                                  "3, 2, 4, host, max")
-            props[key] = value
-        else:
-            props[key] = "on" if parse_switch(key, value) else "off"
+    props = _properties(version, settings or {})
     on = {k: v == "on" for k, v in props.items()}
 
     ram_size = round_up(ram_size, RAM_ALIGN)
@@ -138,15 +128,47 @@ def plan_virt_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0
                           f"{memtop - limit} bytes")
     if memtop >= 1 << 64:
         raise ConfigError("maxmem/slots too huge")
-    base = max(memtop, RAM_BASE + LEGACY_RAMLIMIT)
-    highest = memtop - 1
 
     regions = [Region(name, b, size) for name, b, size in LOW_MAP]
-    regions.append(Region("mem", RAM_BASE, ram_size))
+    regions.append(Region("mem", RAM_BASE, ram_size, role=RegionRole.RAM))
     if device_memory_size > 0:
-        regions.append(Region("device-memory", device_memory_base, device_memory_size))
+        regions.append(Region("device-memory", device_memory_base, device_memory_size,
+                              role=RegionRole.HOTPLUG))
+    high, highest = _high_regions(on, max(memtop, RAM_BASE + LEGACY_RAMLIMIT), memtop - 1,
+                                  pa_bits)
+    regions += high
+    if on["firmware-32bit"]:  # machvirt_init, after the map: the address stays taken
+        regions = [r._replace(state=RegionState.RESERVED, reason="32-bit firmware loaded")
+                   if r.name == "high-pcie-ecam" and r.enabled else r for r in regions]
 
+    ordered = tuple(sorted(regions, key=lambda r: (r.base, r.state is not RegionState.ENABLED)))
+    return MemoryMap(version.name, pa_bits, ordered, highest, tuple(props.items()))
+
+
+def _properties(version: VirtVersion, settings: dict[str, str]) -> dict[str, str]:
+    """The version's defaults with ``settings`` applied (errors in QEMU's words)."""
+    props = virt_defaults(version)
+    for key, value in settings.items():
+        if key not in props:
+            raise ConfigError(f"unknown property {key!r} for {version.name}: expected one of "
+                              f"{', '.join(sorted(props))}")
+        if key == "gic-version":
+            if value not in GIC_VERSIONS:
+                raise ConfigError(f"Invalid gic-version value {value!r}: valid values are "
+                                  "3, 2, 4, host, max")
+            props[key] = value
+        else:
+            props[key] = "on" if parse_switch(key, value) else "off"
+    return props
+
+
+def _high_regions(on: dict[str, bool], base: int, highest: int,
+                  pa_bits: int) -> tuple[list[Region], int]:
+    """The high regions in QEMU's order, each aligned to its size; compact-highmem skips
+    disabled ones, the legacy layout advances past them (virt_set_high_memmap)."""
+    limit = 1 << pa_bits
     compact = on["compact-highmem"]
+    regions = []
     for name, size, prop in HIGH_REGIONS:
         region_base = round_up(base, size)
         fits = region_base + size <= limit
@@ -166,13 +188,7 @@ def plan_virt_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0
         else:
             regions.append(Region(name, region_base, size, RegionState.DISABLED,
                                   f"does not fit below 2^{pa_bits}"))
-
-    if on["firmware-32bit"]:  # machvirt_init, after the map: the address stays taken
-        regions = [r._replace(state=RegionState.RESERVED, reason="32-bit firmware loaded")
-                   if r.name == "high-pcie-ecam" and r.enabled else r for r in regions]
-
-    ordered = tuple(sorted(regions, key=lambda r: (r.base, r.state is not RegionState.ENABLED)))
-    return MemoryMap(version.name, pa_bits, ordered, highest, tuple(props.items()))
+    return regions, highest
 
 
 def _check_memory(ram_size: int, maxmem: int | None, slots: int) -> int:

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from leanvm.errors import ConfigError
-from leanvm.layout.region import GiB, KiB, MemoryMap, MiB, Region, RegionState, parse_switch, round_up
+from leanvm.layout.region import (GiB, KiB, MemoryMap, MiB, Region, RegionRole, RegionState,
+                                  parse_switch, round_up)
 
 LATEST = "leanvm-1"
 
@@ -37,6 +38,7 @@ class FixedRegion(NamedTuple):
     name: str
     base: int
     size: int
+    role: RegionRole = RegionRole.WINDOW
 
 
 class X86Version(NamedTuple):
@@ -50,12 +52,12 @@ VERSIONS: dict[str, X86Version] = {
     "leanvm-1": X86Version(
         low_ram_limit=3 * GiB,
         fixed=(
-            FixedRegion("flash-large", 0xC000_0000, 128 * MiB),
+            FixedRegion("flash-large", 0xC000_0000, 128 * MiB, RegionRole.FLASH_WINDOW),
             FixedRegion("platform", 0xD000_0000, 16 * MiB),
             FixedRegion("ioapic", 0xFEC0_0000, 4 * KiB),
             FixedRegion("lapic", 0xFEE0_0000, 4 * KiB),
-            FixedRegion("kvm-private", 0xFEFF_C000, 16 * KiB),
-            FixedRegion("firmware", 0xFF00_0000, 16 * MiB),
+            FixedRegion("kvm-private", 0xFEFF_C000, 16 * KiB, RegionRole.KVM_PRIVATE),
+            FixedRegion("firmware", 0xFF00_0000, 16 * MiB, RegionRole.FLASH_WINDOW),
         ),
         floating=(("pcie-ecam", 256 * MiB), ("pcie-mmio64", 64 * GiB)),
         slot_size=1 * GiB,
@@ -99,24 +101,43 @@ def plan_x86_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0,
     maxmem = ram_size if maxmem is None else maxmem
     _check_sizes(ram_size, maxmem, slots, pa_bits)
     limit = 1 << pa_bits
+    regions, top = _ram_and_fixed(spec, switches, ram_size, pa_bits)
+    hotplug, top = _device_memory(spec, switches, ram_size, maxmem, slots, top, pa_bits)
+    regions += [hotplug, *_floating(spec, switches, round_up(top, GiB), pa_bits)]
+    # the highest address: the top of every region that is present or keeps its space
+    highest = max(r.end for r in regions if r.state is not RegionState.DISABLED and r.size) - 1
+    properties = tuple((k, "on" if v else "off") for k, v in switches.items())
+    ordered = tuple(sorted(regions, key=lambda r: (r.base, r.name)))
+    return MemoryMap(version, pa_bits, ordered, highest, properties)
 
+
+def _ram_and_fixed(spec: X86Version, switches: dict[str, bool], ram_size: int,
+                   pa_bits: int) -> tuple[list[Region], int]:
+    """RAM below the 32-bit holes, the fixed windows, RAM above 4 GiB; and where RAM ends."""
     regions: list[Region] = []
     low = min(ram_size, spec.low_ram_limit)
-    regions.append(Region("ram-low", 0, low))
+    regions.append(Region("ram-low", 0, low, role=RegionRole.RAM))
     for fixed in spec.fixed:
         if switches[fixed.name]:
-            regions.append(Region(fixed.name, fixed.base, fixed.size))
+            regions.append(Region(fixed.name, fixed.base, fixed.size, role=fixed.role))
         else:
             regions.append(Region(fixed.name, fixed.base, fixed.size, RegionState.DISABLED,
-                                  f"{fixed.name}=off"))
+                                  f"{fixed.name}=off", fixed.role))
     top = 4 * GiB
     if ram_size > low:
-        regions.append(Region("ram-high", HIGH_RAM_BASE, ram_size - low))
+        regions.append(Region("ram-high", HIGH_RAM_BASE, ram_size - low, role=RegionRole.RAM))
         top = HIGH_RAM_BASE + ram_size - low
+    limit = 1 << pa_bits
     if top > limit:
         raise ConfigError(f"RAM ends at {top:#x}, beyond the {pa_bits}-bit physical address "
                           f"limit ({limit:#x}); lower -m or raise --pa-bits")
+    return regions, top
 
+
+def _device_memory(spec: X86Version, switches: dict[str, bool], ram_size: int, maxmem: int,
+                   slots: int, top: int, pa_bits: int) -> tuple[Region, int]:
+    """The hotplug space after RAM, 1 GiB aligned; and where it ends."""
+    limit = 1 << pa_bits
     hotplug_size = maxmem - ram_size + slots * spec.slot_size
     hotplug_base = round_up(top, GiB)
     if hotplug_size and switches["device-memory"]:
@@ -125,16 +146,18 @@ def plan_x86_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0,
             raise ConfigError(f"device memory (maxmem {maxmem >> 20}M, {slots} slots) ends at "
                               f"{end:#x}, beyond the {pa_bits}-bit physical address limit "
                               f"({limit:#x}); lower maxmem or slots, or raise --pa-bits")
-        regions.append(Region("device-memory", hotplug_base, hotplug_size))
-        top = end
-    elif hotplug_size:
-        regions.append(Region("device-memory", hotplug_base, hotplug_size, RegionState.DISABLED,
-                              "device-memory=off"))
-    else:
-        regions.append(Region("device-memory", hotplug_base, 0, RegionState.DISABLED,
-                              "no maxmem beyond RAM and no slots"))
+        return Region("device-memory", hotplug_base, hotplug_size, role=RegionRole.HOTPLUG), end
+    why = "device-memory=off" if hotplug_size else "no maxmem beyond RAM and no slots"
+    return Region("device-memory", hotplug_base, hotplug_size, RegionState.DISABLED, why,
+                  RegionRole.HOTPLUG), top
 
-    base = round_up(top, GiB)
+
+def _floating(spec: X86Version, switches: dict[str, bool], base: int,
+              pa_bits: int) -> list[Region]:
+    """The regions that float above everything, each aligned to its size; compact=on
+    gives a disabled one no space, compact=off keeps its space reserved."""
+    limit = 1 << pa_bits
+    regions = []
     for name, size in spec.floating:
         region_base = round_up(base, size)
         fits = region_base + size <= limit
@@ -149,12 +172,7 @@ def plan_x86_layout(ram_size: int, *, maxmem: int | None = None, slots: int = 0,
             if switches["compact"] or not fits:
                 continue
         base = region_base + size
-
-    # the highest address: the top of every region that is present or keeps its space
-    highest = max(r.end for r in regions if r.state is not RegionState.DISABLED and r.size) - 1
-    properties = tuple((k, "on" if v else "off") for k, v in switches.items())
-    ordered = tuple(sorted(regions, key=lambda r: (r.base, r.name)))
-    return MemoryMap(version, pa_bits, ordered, highest, properties)
+    return regions
 
 
 def _check_sizes(ram_size: int, maxmem: int, slots: int, pa_bits: int) -> None:

@@ -84,14 +84,26 @@ def load_bare(memory: GuestMemory, image: GuestImage, args: str = "") -> BootSta
         if seg.memory_size > len(seg.data):  # .bss: RAM is fresh and zero, but be explicit
             memory.write(seg.address + len(seg.data), bytes(seg.memory_size - len(seg.data)))
 
-    memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
-    write_identity_page_tables(memory)
+    write_long_mode_tables(memory)
     memory.write(ARGS_ADDRESS, encoded + b"\0")
     memory.write(BOOT_INFO_ADDRESS, BOOT_INFO.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, ram,
                                                    ARGS_ADDRESS, len(encoded), image.end))
     return BootState(rip=image.entry, rsp=STACK_TOP, rdi=BOOT_INFO_ADDRESS, rsi=ARGS_ADDRESS,
                      rdx=len(encoded), cr3=PML4_ADDRESS, gdt_base=GDT_ADDRESS,
                      gdt_limit=8 * len(GDT_ENTRIES) - 1)
+
+
+def write_long_mode_tables(memory: GuestMemory) -> None:
+    """The GDT and identity-mapping page tables every 64-bit bare guest starts with (and
+    the host check's probe guest, machine/host_check.py)."""
+    memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
+    write_identity_page_tables(memory)
+
+
+def long_mode_state(rip: int, rsp: int) -> BootState:
+    """Entry state for code at ``rip`` with the tables write_long_mode_tables wrote."""
+    return BootState(rip=rip, rsp=rsp, rdi=0, rsi=0, rdx=0, cr3=PML4_ADDRESS,
+                     gdt_base=GDT_ADDRESS, gdt_limit=8 * len(GDT_ENTRIES) - 1)
 
 
 def write_identity_page_tables(memory: GuestMemory) -> None:

@@ -53,6 +53,26 @@ class DirectKernel(NamedTuple):
     kernel_copied: int = 0  # bytes copied (the setup sectors usually leave it unaligned)
 
 
+def zero_page(view: memoryview, initrd_address: int, initrd_size: int,
+              e820: list[tuple[int, int, int]], rsdp: int) -> bytes:
+    """boot_params: the kernel's own setup header, then what the boot loader fills in."""
+    page = bytearray(PAGE)
+    header_end = 0x202 + view[0x201]  # the setup header's length is in the jump at 0x200
+    page[HEADER_START:header_end] = view[HEADER_START:header_end]
+    page[0x210] = LOADER_TYPE
+    page[0x211] |= CAN_USE_HEAP
+    struct.pack_into("<H", page, 0x224, 0xFE00)  # heap_end_ptr, as for a 0x10000 setup
+    struct.pack_into("<I", page, 0x228, CMDLINE_ADDRESS)
+    struct.pack_into("<II", page, 0x218, initrd_address, initrd_size)
+    struct.pack_into("<Q", page, ACPI_RSDP_ADDR, rsdp)  # 0: the kernel scans for one
+    if len(e820) > E820_MAX:
+        raise ImageError(f"memory map has {len(e820)} entries; boot_params holds {E820_MAX}")
+    page[E820_ENTRIES] = len(e820)
+    for index, entry in enumerate(e820):
+        E820.pack_into(page, E820_TABLE + index * E820.size, *entry)
+    return bytes(page)
+
+
 def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path: str,
                  initrd: "bytes | memoryview", initrd_path: str, cmdline: str,
                  e820: list[tuple[int, int, int]], low_ram_end: int, *,
@@ -90,22 +110,7 @@ def load_linux64(memory: GuestMemory, kernel: "bytes | memoryview", kernel_path:
     kernel_mapped = place_range(memory, KERNEL_ADDRESS, view, header.setup_size, len(body),
                                 kernel_file)
     memory.write(CMDLINE_ADDRESS, encoded + b"\0")
-
-    zero_page = bytearray(PAGE)
-    header_end = 0x202 + view[0x201]  # the setup header's length is in the jump at 0x200
-    zero_page[HEADER_START:header_end] = view[HEADER_START:header_end]
-    zero_page[0x210] = LOADER_TYPE
-    zero_page[0x211] |= CAN_USE_HEAP
-    struct.pack_into("<H", zero_page, 0x224, 0xFE00)  # heap_end_ptr, as for a 0x10000 setup
-    struct.pack_into("<I", zero_page, 0x228, CMDLINE_ADDRESS)
-    struct.pack_into("<II", zero_page, 0x218, initrd_address, len(initrd))
-    struct.pack_into("<Q", zero_page, ACPI_RSDP_ADDR, rsdp)  # 0: the kernel scans for one
-    if len(e820) > E820_MAX:
-        raise ImageError(f"memory map has {len(e820)} entries; boot_params holds {E820_MAX}")
-    zero_page[E820_ENTRIES] = len(e820)
-    for index, entry in enumerate(e820):
-        E820.pack_into(zero_page, E820_TABLE + index * E820.size, *entry)
-    memory.write(ZERO_PAGE, bytes(zero_page))
+    memory.write(ZERO_PAGE, zero_page(view, initrd_address, len(initrd), e820, rsdp))
     memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
     write_identity_page_tables(memory)
     entry = KERNEL_ADDRESS + 0x200

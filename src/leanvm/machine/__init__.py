@@ -1,1 +1,2 @@
-"""The only layer that knows everything: config, builder, vCPU loop, Machine."""
+"""The only layer that knows everything: config, the build recipe (boot.py), the vCPU loop,
+Machine (docs/architecture.md)."""

@@ -15,7 +15,7 @@ _SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$"  # compiled on fi
 DEFAULT_MEMORY = 128 * MiB
 KERNEL_BOOT_MODES = ("auto", "pvh", "bzimage")
 CPU_PROFILES = ("auto", "host", "emulated")  # machine/cpu_profile.py says what each hides
-FALLBACK_MODES = ("auto", "on", "off")  # machine/fallback.py: emulation-failure fallback
+FALLBACK_MODES = ("auto", "on", "off")  # machine/fallback/: emulation-failure fallback
 MAX_VCPUS = 64
 MIN_MEMORY = 2 * MiB
 MAX_MEMORY = 1 * TiB
@@ -106,8 +106,9 @@ class SerialConfig(NamedTuple):
 
 
 class MachineConfig:
-    """Everything needed to build one VM, validated on construction; treat it as a value
-    (``replace`` makes a changed copy). ``guest`` None means the bundled demo guest.
+    """Everything needed to build one VM, validated on construction (this is the one place
+    configuration is checked); treat it as a value (``replace`` makes a changed copy).
+    ``guest`` None means the bundled demo guest.
 
     A plain slotted class rather than a dataclass: importing dataclasses and building the
     classes cost about a third of leanvm's start-up on a slow host.
@@ -116,8 +117,8 @@ class MachineConfig:
     __slots__ = ("memory", "guest", "args", "serial", "hide_cpu_features", "kvm_path", "maxmem",
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
-                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy", "initrd_unpack",
-                 "sample_hz", "symbols", "name")
+                 "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
+                 "initrd_unpack", "sample_hz", "symbols", "name")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -133,100 +134,61 @@ class MachineConfig:
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
                  symbols: Path | str | None = None, name: str = "") -> None:
-        given = memory
-        if isinstance(memory, str):
-            option = parse_memory_option(memory)
-            memory = option.size
-            maxmem = option.maxmem if maxmem is None else maxmem
-            slots = option.slots or slots
-        if isinstance(maxmem, str):
-            maxmem = parse_size(maxmem, "maxmem")
-        if isinstance(memory, bool) or not isinstance(memory, int):
-            raise ConfigError(f"bad memory size {memory!r}: expected bytes or a size such as 512M")
-        if not MIN_MEMORY <= memory <= MAX_MEMORY:
-            shown = f"{given.split(',')[0]!r}" if isinstance(given, str) else _size_text(memory)
-            raise ConfigError(f"memory size {shown} is out of range: expected 2M to 1T")
-        if memory % PAGE:
-            raise ConfigError(f"memory size {memory} bytes is not a multiple of 4K")
-        self.memory: int = memory
-        self.guest: Path | None = Path(guest) if guest is not None else None
-        self.args: str = args
-        self.serial: SerialConfig = SerialConfig.parse(serial) if isinstance(serial, str) else serial
-        self.serial.check("serial")
-        self.hide_cpu_features: tuple[str, ...] = tuple(hide_cpu_features)
-        self.kvm_path: str = kvm_path
-        self.maxmem: int | None = maxmem  # None: no memory beyond RAM
-        self.slots: int = slots
+        self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes; None:
+        # no memory beyond RAM; hotplug slots
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
-        if pa_bits is not None and (isinstance(pa_bits, bool) or not isinstance(pa_bits, int)
-                                    or not PA_BITS_RANGE[0] <= pa_bits <= PA_BITS_RANGE[1]):
-            raise ConfigError(f"bad physical address bits {pa_bits!r}: expected "
-                              f"{PA_BITS_RANGE[0]} to {PA_BITS_RANGE[1]}")
-        self.pa_bits: int | None = pa_bits  # None: from the vCPU's CPUID
+        self.pa_bits: int | None = _pa_bits(pa_bits)  # None: from the vCPU's CPUID
         self.layout: tuple[tuple[str, str], ...] = tuple(layout)  # memory-map switches
+        self.guest: Path | None = _path(guest)  # a bare guest program
+        self.args: str = args  # its argument string
+        self.serial: SerialConfig = _console(serial, "serial")  # COM1
+        self.debugcon: SerialConfig = _console(debugcon, "debug console")  # port 0x402
+        self.kvm_path: str = kvm_path
+        self.hide_cpu_features: tuple[str, ...] = tuple(hide_cpu_features)
         self.flash: tuple = tuple(flash)  # machine.flash.FlashSpec values, any order
-        self.max_fw_size: int = (parse_size(max_fw_size, "max-fw-size", "B")
-                                 if isinstance(max_fw_size, str) else max_fw_size)
-        if not PAGE <= self.max_fw_size <= MAX_FW_SIZE or self.max_fw_size % PAGE:
-            raise ConfigError(f"bad max-fw-size {max_fw_size!r}: expected a multiple of 4K "
-                              "from 4K to 16M")
-        self.bios: Path | None = Path(bios) if bios is not None else None  # firmware in flash
-        self.debugcon: SerialConfig = (SerialConfig.parse(debugcon) if isinstance(debugcon, str)
-                                       else debugcon)  # where port 0x402 output goes
-        self.debugcon.check("debug console")
-        self.kernel: Path | None = Path(kernel) if kernel is not None else None  # a bzImage
-        self.initrd: Path | None = Path(initrd) if initrd is not None else None
+        self.max_fw_size: int = _max_fw_size(max_fw_size)
+        self.bios: Path | None = _path(bios)  # firmware for flash bank 0
+        self.kernel: Path | None = _path(kernel)  # a bzImage or ELF vmlinux
+        self.initrd: Path | None = _path(initrd)
         self.cmdline: str = cmdline
-        self.trace: bool = trace  # record the boot timeline (Machine.tracer)
-        self.probe_names: tuple[tuple[int, str], ...] = tuple(probe_names)  # probe id -> name
-        if kernel_boot not in KERNEL_BOOT_MODES:
-            raise ConfigError(f"bad kernel boot mode {kernel_boot!r}: expected "
-                              + ", ".join(KERNEL_BOOT_MODES))
         # direct boot: "pvh" (ELF, or a bzImage decompressed on the host), "bzimage" (64-bit
         # boot protocol, the guest decompresses), "auto" (pvh when possible)
-        self.kernel_boot: str = kernel_boot
-        if not isinstance(smp, int) or not 1 <= smp <= MAX_VCPUS:
-            raise ConfigError(f"bad vCPU count {smp!r}: expected 1 to {MAX_VCPUS}")
-        self.smp: int = smp  # vCPUs, one host thread each
-        if cpu_profile not in CPU_PROFILES:
-            raise ConfigError(f"bad CPU profile {cpu_profile!r}: expected "
-                              + ", ".join(CPU_PROFILES))
+        self.kernel_boot: str = _choice(kernel_boot, KERNEL_BOOT_MODES, "kernel boot mode")
+        # direct boot: map kernel and initrd pages copy-on-write from their files (shared
+        # page cache) instead of copying them; decompress a compressed initramfs on the host
+        self.zero_copy: bool = bool(zero_copy)
+        self.initrd_unpack: bool = bool(initrd_unpack)
+        self.smp: int = _vcpus(smp)  # vCPUs, one host thread each
         # "host": what KVM offers; "emulated": hides what a host that emulates supervisor
         # code cannot run; "auto": "emulated" on such hosts, else "host"
-        self.cpu_profile: str = cpu_profile
-        if emulation_fallback not in FALLBACK_MODES:
-            raise ConfigError(f"bad emulation fallback {emulation_fallback!r}: expected "
-                              + ", ".join(FALLBACK_MODES))
-        # run instructions the host's KVM cannot emulate in a user-mode emulator: "auto" = on
-        # hosts that need it
-        self.emulation_fallback: str = emulation_fallback
-        # direct boot: map kernel and initrd pages copy-on-write from their files (shared
-        # page cache) instead of copying them into guest RAM
-        self.zero_copy: bool = bool(zero_copy)
-        # direct boot: a compressed initramfs is decompressed on the host (cached) so the
-        # guest only copies files out of it
-        self.initrd_unpack: bool = bool(initrd_unpack)
-        if not isinstance(sample_hz, (int, float)) or not 0 <= sample_hz <= 1000:
-            raise ConfigError(f"bad sampling rate {sample_hz!r}: expected 0 (off) to 1000 Hz")
-        # sample vCPU 0's RIP this many times a second (machine/sampler.py); 0: off
-        self.sample_hz: float = float(sample_hz)
+        self.cpu_profile: str = _choice(cpu_profile, CPU_PROFILES, "CPU profile")
+        # run instructions the host's KVM cannot emulate in a user-mode emulator
+        # (machine/fallback/): "auto" = on hosts that need it
+        self.emulation_fallback: str = _choice(emulation_fallback, FALLBACK_MODES,
+                                               "emulation fallback")
+        self.trace: bool = trace  # record the boot timeline (Machine.tracer)
+        self.probe_names: tuple[tuple[int, str], ...] = tuple(probe_names)  # probe id -> name
+        # sample every vCPU's RIP this many times a second (machine/sampler.py); 0: off
+        self.sample_hz: float = _sample_hz(sample_hz)
         # where the guest kernel's symbols are (System.map or ELF); None: looked for
-        self.symbols: Path | None = Path(symbols) if symbols is not None else None
-        if self.bios is not None and self.guest is not None:
-            raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
-        if self.kernel is not None and self.guest is not None:
-            raise ConfigError("give either -kernel (Linux) or --guest (bare guest)")
-        if self.kernel is None and (self.initrd is not None or cmdline):
-            raise ConfigError("-initrd and -append need -kernel")
-        firmware = self.bios is not None or any(spec.role == "code" for spec in self.flash)
-        if firmware and kernel_boot != "auto":
-            raise ConfigError(f"--kernel-boot {kernel_boot} chooses how leanvm enters a kernel "
-                              "without firmware; with firmware (--bios or a code flash) the "
-                              "firmware loads the kernel: leave it out")
-        if not isinstance(name, str) or len(name) > MAX_NAME or not name.isprintable():
-            raise ConfigError(f"bad VM name {name!r}: expected printable text of at most "
-                              f"{MAX_NAME} characters")
-        self.name: str = name  # -name: shown in the summary and the stats
+        self.symbols: Path | None = _path(symbols)
+        self.name: str = _name(name)  # -name: shown in the summary and the stats
+        _check_combination(self)
+
+    @property
+    def firmware(self) -> bool:
+        """Whether the VM boots firmware from flash (--bios, or a code bank without --guest)."""
+        return self.bios is not None or (
+            self.guest is None and any(spec.role == "code" for spec in self.flash))
+
+    @property
+    def flash_banks(self) -> tuple:
+        """The flash banks to build: --bios is bank 0 (read-only), then the flash specs."""
+        if self.bios is None:
+            return self.flash
+        from leanvm.machine.flash import FlashSpec
+
+        return (FlashSpec("code", self.bios, "readonly"), *self.flash)
 
     def _items(self) -> tuple[tuple[str, object], ...]:
         return tuple((name, getattr(self, name)) for name in self.__slots__)
@@ -242,3 +204,97 @@ class MachineConfig:
 
     def __hash__(self) -> int:
         return hash(self._items())
+
+
+# --- validators: each checks one setting and gives the one-line error ----------------------
+def _memory(memory: int | str, maxmem: int | str | None, slots: int
+            ) -> tuple[int, int | None, int]:
+    given = memory
+    if isinstance(memory, str):
+        option = parse_memory_option(memory)
+        memory = option.size
+        maxmem = option.maxmem if maxmem is None else maxmem
+        slots = option.slots or slots
+    if isinstance(maxmem, str):
+        maxmem = parse_size(maxmem, "maxmem")
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise ConfigError(f"bad memory size {memory!r}: expected bytes or a size such as 512M")
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        shown = f"{given.split(',')[0]!r}" if isinstance(given, str) else _size_text(memory)
+        raise ConfigError(f"memory size {shown} is out of range: expected 2M to 1T")
+    if memory % PAGE:
+        raise ConfigError(f"memory size {memory} bytes is not a multiple of 4K")
+    return memory, maxmem, slots
+
+
+def _pa_bits(pa_bits: int | None) -> int | None:
+    if pa_bits is not None and (isinstance(pa_bits, bool) or not isinstance(pa_bits, int)
+                                or not PA_BITS_RANGE[0] <= pa_bits <= PA_BITS_RANGE[1]):
+        raise ConfigError(f"bad physical address bits {pa_bits!r}: expected "
+                          f"{PA_BITS_RANGE[0]} to {PA_BITS_RANGE[1]}")
+    return pa_bits
+
+
+def _path(value: Path | str | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def _console(value: SerialConfig | str, what: str) -> SerialConfig:
+    console = SerialConfig.parse(value) if isinstance(value, str) else value
+    console.check(what)
+    return console
+
+
+def _max_fw_size(value: int | str) -> int:
+    size = parse_size(value, "max-fw-size", "B") if isinstance(value, str) else value
+    if not PAGE <= size <= MAX_FW_SIZE or size % PAGE:
+        raise ConfigError(f"bad max-fw-size {value!r}: expected a multiple of 4K from 4K "
+                          "to 16M")
+    return size
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"bad {what} {value!r}: expected " + ", ".join(choices))
+    return value
+
+
+def _vcpus(smp: int) -> int:
+    if not isinstance(smp, int) or not 1 <= smp <= MAX_VCPUS:
+        raise ConfigError(f"bad vCPU count {smp!r}: expected 1 to {MAX_VCPUS}")
+    return smp
+
+
+def _sample_hz(hz: float) -> float:
+    if not isinstance(hz, (int, float)) or not 0 <= hz <= 1000:
+        raise ConfigError(f"bad sampling rate {hz!r}: expected 0 (off) to 1000 Hz")
+    return float(hz)
+
+
+def _name(name: str) -> str:
+    if not isinstance(name, str) or len(name) > MAX_NAME or not name.isprintable():
+        raise ConfigError(f"bad VM name {name!r}: expected printable text of at most "
+                          f"{MAX_NAME} characters")
+    return name
+
+
+def _check_combination(config: MachineConfig) -> None:
+    """Settings that contradict each other."""
+    import os
+
+    if config.bios is not None and config.guest is not None:
+        raise ConfigError("give either --bios (firmware boot) or --guest (bare guest)")
+    if config.bios is not None and any(spec.role == "code" for spec in config.flash):
+        raise ConfigError("give either --bios or a code flash bank, not both")
+    if config.kernel is not None and config.guest is not None:
+        raise ConfigError("give either -kernel (Linux) or --guest (bare guest)")
+    if config.kernel is None and (config.initrd is not None or config.cmdline):
+        raise ConfigError("-initrd and -append need -kernel")
+    if config.firmware and config.kernel_boot != "auto":
+        raise ConfigError(f"--kernel-boot {config.kernel_boot} chooses how leanvm enters a "
+                          "kernel without firmware; with firmware (--bios or a code flash) "
+                          "the firmware loads the kernel: leave it out")
+    if config.symbols is not None and not os.access(config.symbols, os.R_OK):
+        raise ConfigError(f"{config.symbols}: cannot read the symbols file")
+    if config.symbols is not None and not config.sample_hz:
+        raise ConfigError("--symbols names sampled addresses: give --sample-rip HZ too")

@@ -107,6 +107,13 @@ class GuestConsoles:
         line = tail[at:end].decode(errors="replace").strip()
         self._request(Stop(StopReason.GUEST_PANIC, f"the guest kernel panicked: {line}"))
 
+    def ends_mid_line(self) -> bool:
+        """Whether the terminal's cursor is after guest text that did not end its line."""
+        outputs = ((self.config.serial.mode, self._serial), (self.config.debugcon.mode,
+                                                             self._debug))
+        return any(mode == "stdio" and text and not text.endswith(b"\n")
+                   for mode, text in outputs)
+
     # --- waiting (any thread) --------------------------------------------------------------
     def wait_for(self, regex: "re.Pattern[bytes]", timeout: float,
                  running: Callable[[], bool]) -> "re.Match[bytes] | None":

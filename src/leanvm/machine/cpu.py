@@ -1,12 +1,43 @@
-"""Putting a vCPU into the state a bare guest expects (64-bit long mode, CPL 0)."""
+"""Entering a guest: the states a vCPU starts in (64-bit long mode at CPL 0, 32-bit flat
+protected mode for PVH, or the reset vector for firmware), and the one function that puts
+vCPU 0 there."""
 
 from __future__ import annotations
+
+from enum import Enum
 
 from leanvm.abi import kvm as abi
 from leanvm.kvm.cpuid import CpuidTable
 from leanvm.kvm.vcpu import Vcpu
 from leanvm.loader.bare import BootState
 from leanvm.loader.pvh import ProtectedModeState
+
+class EntryMode(Enum):
+    LONG = "long"  # bare guests and Linux's 64-bit boot protocol (loader.bare.BootState)
+    PROTECTED = "protected"  # PVH: 32-bit flat, paging off (loader.pvh.ProtectedModeState)
+    RESET = "reset"  # firmware: the architectural reset state, F000:FFF0
+
+
+class Entry:
+    """How vCPU 0 starts, as a boot path decided."""
+
+    __slots__ = ("mode", "state")
+
+    def __init__(self, mode: EntryMode, state: "BootState | ProtectedModeState | None") -> None:
+        self.mode, self.state = mode, state
+
+
+def enter(vcpu: Vcpu, entry: Entry, cpuid: CpuidTable) -> None:
+    """Give ``vcpu`` its CPUID and the state ``entry`` names."""
+    if entry.mode is EntryMode.LONG:
+        assert isinstance(entry.state, BootState)
+        setup_long_mode(vcpu, entry.state, cpuid)
+    elif entry.mode is EntryMode.PROTECTED:
+        assert isinstance(entry.state, ProtectedModeState)
+        setup_protected_mode(vcpu, entry.state, cpuid)
+    else:  # KVM creates vCPUs in the reset state already
+        vcpu.set_cpuid(cpuid)
+
 
 FCW_DEFAULT = 0x37F  # x87 control word after FNINIT
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked

@@ -39,10 +39,9 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     with ``cmdline`` (default: the configured one)."""
     cmdline = config.cmdline if cmdline is None else cmdline
     from leanvm.loader.linux64 import linux_e820, load_linux64
+    from leanvm.machine.platform import memory_ranges
 
-    ram = [(r.base, r.size) for r in plan.enabled() if r.name.startswith("ram")]
-    reserved = [(r.base, r.size) for r in plan.enabled() if r.name == "kvm-private"]
-    e820, low_end = linux_e820(ram, reserved), plan.get("ram-low").size
+    e820, low_end = linux_e820(*memory_ranges(plan)), plan.low_ram().size
     check_cmdline(cmdline, kernel, str(config.kernel))
     started = time.monotonic_ns()
     elf, elf_file, note, decompress_ms, cached, saved = kernel_elf(config, kernel)
@@ -137,11 +136,13 @@ def write_acpi_tables(memory: "GuestMemory", cpus: int) -> int:
     address, for hvm_start_info.rsdp_paddr or boot_params.acpi_rsdp_addr."""
     from leanvm.devices import acpi_pm
     from leanvm.firmware.acpi import AcpiPlatform, build_acpi_tables
+    from leanvm.machine.platform import IRQ, PORT
 
+    base = PORT["acpi-pm"].base  # the platform table decides where the block is
     platform = AcpiPlatform(
-        cpus=cpus, pm1a_event_port=acpi_pm.PORT_BASE + acpi_pm.PM1_EVT_OFFSET,
-        pm1a_control_port=acpi_pm.PORT_BASE + acpi_pm.PM1_CNT_OFFSET,
-        pm_timer_port=acpi_pm.PORT_BASE + acpi_pm.PM_TMR_OFFSET, sci_irq=acpi_pm.SCI_IRQ,
+        cpus=cpus, pm1a_event_port=base + acpi_pm.PM1_EVT_OFFSET,
+        pm1a_control_port=base + acpi_pm.PM1_CNT_OFFSET,
+        pm_timer_port=base + acpi_pm.PM_TMR_OFFSET, sci_irq=IRQ["acpi-pm"],
         s5_sleep_type=acpi_pm.SLP_TYP_S5, pm1_event_length=acpi_pm.PM1_EVT_LEN,
         pm1_control_length=acpi_pm.PM1_CNT_LEN, pm_timer_length=acpi_pm.PM_TMR_LEN)
     tables = build_acpi_tables(ACPI_TABLES_BASE, platform)

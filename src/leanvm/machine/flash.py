@@ -1,11 +1,6 @@
-"""Firmware flash banks: configuration, placement, memslots that follow the device's
-read-array mode, and block-by-block persistence of writable stores.
-
-x86 pc placement (as QEMU's pc machine): banks are mapped downward from 4 GiB with no
-gaps, bank 0 (code) on top; their combined size is limited (max-fw-size, 8 MiB by default,
-16 MiB at most); the last 128 KiB of bank 0 also appears at 0xE0000-0xFFFFF. Banks in the
-arm virt geometry (64 MiB, 256 KiB sectors, width 4) go to the flash-large window at
-0xC000_0000, bank 0 first, so padded AAVMF images can be used and measured.
+"""Firmware flash banks: configuration, the images' sizes for the planner (layout/flash.py
+places the banks), memslots that follow the device's read-array mode, and block-by-block
+persistence of writable stores (firmware/journal.py).
 """
 
 from __future__ import annotations
@@ -19,21 +14,17 @@ from leanvm.devices.pflash import GEOMETRIES, CfiFlash, FlashGeometry
 from leanvm.errors import ConfigError
 from leanvm.firmware import journal
 from leanvm.firmware.image import data_extents
-from leanvm.layout.region import MemoryMap
-from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
+from leanvm.layout.flash import ROLES, BankRequest, PlacedBank
+from leanvm.memory.guest import GuestRegion, RegionKind
 from leanvm.memory.host import map_flash_bank
 
 if TYPE_CHECKING:
-    from leanvm.devices.bus import Bus
-    from leanvm.machine.builder import Memslots
-    from leanvm.machine.legacy import BiosArea
+    from collections.abc import Callable
 
-MiB = 1 << 20
+    from leanvm.devices.bus import Bus
+    from leanvm.machine.memory_manager import MemoryManager
+
 MODES = ("readonly", "persistent", "ephemeral")
-ROLES = ("code", "vars")
-DEFAULT_MAX_FW_SIZE = 8 * MiB
-MAX_FW_SIZE_LIMIT = 16 * MiB
-VIRT_BANK_SIZE = 64 * MiB
 PERSIST_GRANULE = 4096  # persistent stores are written back in 4 KiB blocks
 
 
@@ -110,7 +101,8 @@ class FlashBank:
     """One bank: its guest region, device model and (for persistent stores) write-back."""
 
     def __init__(self, spec: FlashSpec, index: int, base: int, size: int, image_size: int,
-                 geometry: FlashGeometry) -> None:
+                 geometry: FlashGeometry, memslots: "MemoryManager | None" = None,
+                 on_romd: "Callable[[bool], None] | None" = None) -> None:
         self.spec = spec
         self.index = index
         self.base = base
@@ -139,8 +131,8 @@ class FlashBank:
         self.flushes = 0
         self.device = CfiFlash(self.region.view, geometry, image_size=image_size,
                                writable=writable, on_romd=self._on_romd, on_write=self._on_write)
-        self.memslots: Memslots | None = None
-        self.romd_listeners: list = []  # called with the new mode (the BIOS area, bank 0)
+        self.memslots = memslots  # unmaps the bank while the device is in a command mode
+        self.on_romd = on_romd  # told of every read-array change too (bank 0: the BIOS area)
 
     def _on_write(self, offset: int, length: int) -> None:
         if self._fd is not None:
@@ -150,8 +142,8 @@ class FlashBank:
     def _on_romd(self, on: bool) -> None:
         if self.memslots is not None:
             self.memslots.set_present(self.name, on)
-        for listener in self.romd_listeners:
-            listener(on)
+        if self.on_romd is not None:
+            self.on_romd(on)
         if on:
             self.flush()  # a write sequence ended: persist what it changed
 
@@ -195,23 +187,11 @@ def _open_store(path: Path) -> int:
     return fd
 
 
-def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
-               max_fw_size: int = DEFAULT_MAX_FW_SIZE) -> list[tuple[FlashSpec, int, int, int]]:
-    """(spec, base, bank size, image size) per bank, bank 0 first; errors name the file."""
-    roles = [s.role for s in specs]
-    if len(set(roles)) != len(roles):
-        raise ConfigError("each flash role (code, vars) may be given once")
-    if "vars" in roles and "code" not in roles:
-        raise ConfigError("a vars flash needs a code flash (bank 0) as well")
-    ordered = sorted(specs, key=lambda s: ROLES.index(s.role))
-    geometries = {s.geometry for s in ordered}
-    if len(geometries) > 1:
-        raise ConfigError("all flash banks must share one geometry (pc or virt)")
-    if max_fw_size > MAX_FW_SIZE_LIMIT or max_fw_size <= 0:
-        raise ConfigError(f"max-fw-size {max_fw_size} is out of range: at most 16M")
-    placed = []
-    for spec in ordered:
-        geometry = GEOMETRIES[spec.geometry]
+def bank_requests(specs: tuple[FlashSpec, ...]) -> tuple[BankRequest, ...]:
+    """What the planner needs of each image (its size), read from the files now: errors name
+    the file."""
+    requests = []
+    for spec in specs:
         try:
             info = os.stat(spec.path)
         except FileNotFoundError:
@@ -220,67 +200,30 @@ def plan_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap,
             raise ConfigError(f"{spec.path}: cannot read ({exc.strerror})") from None
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"{spec.path}: not a regular file (expected a flash image)")
-        image_size = info.st_size
-        if image_size == 0 or image_size % geometry.sector_size:
-            raise ConfigError(f"{spec.path}: size {image_size} is not a non-zero multiple of the "
-                              f"{geometry.sector_size}-byte flash sector")
-        default = VIRT_BANK_SIZE if spec.geometry == "virt" else image_size
-        bank_size = spec.size or default
-        if bank_size % geometry.sector_size:
-            raise ConfigError(f"{spec.path}: bank size {bank_size} is not a multiple of the "
-                              f"{geometry.sector_size}-byte sector")
-        if image_size > bank_size:
-            raise ConfigError(f"{spec.path}: image ({image_size} bytes) is larger than its "
-                              f"bank ({bank_size} bytes)")
-        placed.append([spec, 0, bank_size, image_size])
-    if not placed:
-        return []
-    if ordered[0].geometry == "virt":
-        window = plan.get("flash-large")
-        base = window.base
-        for item in placed:
-            item[1] = base
-            base += item[2]
-        if base > window.end:
-            raise ConfigError(f"flash banks need {base - window.base} bytes; the flash-large "
-                              f"window holds {window.size}")
-    else:
-        total = sum(item[2] for item in placed)
-        if total > max_fw_size:
-            raise ConfigError(f"combined size of system firmware exceeds {max_fw_size} bytes "
-                              f"({', '.join(str(s.path) for s in ordered)}: {total} bytes)")
-        top = plan.get("firmware").end
-        for item in placed:
-            top -= item[2]
-            item[1] = top
-    window_name = "flash-large" if ordered[0].geometry == "virt" else "firmware"
-    if not plan.get(window_name).enabled:
-        raise ConfigError(f"flash needs the {window_name} region, which is switched off")
-    return [tuple(item) for item in placed]  # type: ignore[misc]
+        geometry = GEOMETRIES[spec.geometry]
+        requests.append(BankRequest(spec.role, str(spec.path), info.st_size, spec.size,
+                                    spec.geometry, geometry.sector_size))
+    return tuple(requests)
 
 
-def build_flash(specs: tuple[FlashSpec, ...], plan: MemoryMap, memory: GuestMemory,
-                memslots: "Memslots", mmio: "Bus", max_fw_size: int
-                ) -> tuple[list[FlashBank], "BiosArea | None"]:
-    """The banks, and for a pc bank 0 the BIOS area (0xC0000-0xFFFFF) it shows through."""
+def build_banks(specs: tuple[FlashSpec, ...], placed: "tuple[PlacedBank, ...]",
+                memory: "MemoryManager", mmio: "Bus",
+                bank0_listeners: "Callable[[bool], None] | None" = None) -> list[FlashBank]:
+    """The banks the plan placed, in guest memory and on the MMIO bus (bank 0 also tells
+    ``bank0_listeners`` of its read-array changes)."""
+    by_role = {spec.role: spec for spec in specs}
     banks: list[FlashBank] = []
     try:
-        for index, (spec, base, size, image_size) in enumerate(plan_flash(specs, plan, max_fw_size)):
-            bank = FlashBank(spec, index, base, size, image_size, GEOMETRIES[spec.geometry])
-            banks.append(bank)
-            memory.add(bank.region)
-            memslots.add(bank.region)
-            bank.memslots = memslots
-            mmio.register(base, size, bank.device, bank.name)
-        area = None
-        if banks and banks[0].geometry.name == "pc":
-            from leanvm.machine.legacy import WINDOW_BASE, WINDOW_END, BiosArea
-
-            area = BiosArea(memslots, memory.find(WINDOW_BASE, WINDOW_END - WINDOW_BASE), banks[0])
-            banks[0].romd_listeners.append(lambda on: area.refresh())
-            mmio.register(WINDOW_BASE, WINDOW_END - WINDOW_BASE, area, "bios-area")
+        for bank in placed:
+            spec = by_role[bank.request.role]
+            built = FlashBank(spec, bank.index, bank.base, bank.size, bank.request.image_size,
+                              GEOMETRIES[spec.geometry], memory,
+                              bank0_listeners if bank.index == 0 else None)
+            banks.append(built)
+            memory.add(built.region)
+            mmio.register(bank.base, bank.size, built.device, built.name)
     except BaseException:
-        for bank in banks:
-            bank.close()
+        for built in banks:
+            built.close()
         raise
-    return banks, area
+    return banks

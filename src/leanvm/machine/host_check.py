@@ -118,8 +118,7 @@ def _run_probes(kvm_path: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[
     from leanvm.abi import kvm as abi
     from leanvm.kvm import exits as ex
     from leanvm.kvm.system import Kvm
-    from leanvm.loader.bare import (CODE_SELECTOR, GDT_ADDRESS, GDT_ENTRIES, PML4_ADDRESS,
-                                    BootState, write_identity_page_tables)
+    from leanvm.loader.bare import CODE_SELECTOR, long_mode_state, write_long_mode_tables
     from leanvm.machine.cpu import setup_long_mode
     from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
     from leanvm.memory.host import map_anonymous
@@ -135,11 +134,9 @@ def _run_probes(kvm_path: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[
             vm.set_identity_map_addr(KVM_PRIVATE)
             vm.set_tss_addr(KVM_PRIVATE + 0x1000)
             vm.set_memory_region(0, 0, RAM_SIZE, region.mapping.address)
-            memory.write(GDT_ADDRESS, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
-            write_identity_page_tables(memory)
+            write_long_mode_tables(memory)
             _write_idt(memory, CODE_SELECTOR)
-            boot = BootState(CODE, STACK_TOP, 0, 0, 0, PML4_ADDRESS, GDT_ADDRESS,
-                             8 * len(GDT_ENTRIES) - 1)
+            boot = long_mode_state(CODE, STACK_TOP)
             unhidden = _visible_hidden_features(vm, memory, boot, cpuid)
             vcpu = vm.create_vcpu(0)
             setup_long_mode(vcpu, boot, cpuid)

@@ -19,8 +19,8 @@ from leanvm.devices.pci import PAM0, PAM_COUNT
 from leanvm.memory.guest import GuestRegion
 
 if TYPE_CHECKING:
-    from leanvm.machine.builder import Memslots
     from leanvm.machine.flash import FlashBank
+    from leanvm.machine.memory_manager import MemoryManager
 
 WINDOW_BASE, WINDOW_END = 0xC0000, 0x100000
 ISA_BIOS_SIZE = 128 * 1024
@@ -42,7 +42,7 @@ SEGMENTS = _segments()
 
 
 class BiosArea:
-    def __init__(self, memslots: "Memslots", ram: GuestRegion, bank: "FlashBank") -> None:
+    def __init__(self, memslots: "MemoryManager", ram: GuestRegion, bank: "FlashBank") -> None:
         self.memslots = memslots
         self.ram = ram
         self.bank = bank

@@ -13,6 +13,8 @@ from leanvm.trace.phases import CONSOLE_LINES, FIRMWARE_LINES, FW_CFG_SPANS, Lin
 
 if TYPE_CHECKING:
     from leanvm.devices.fw_cfg import Transfer
+    from leanvm.machine.machine import Machine
+    from leanvm.machine.vcpu_loop import Stop
 
 MAX_LINE = 240  # longer lines are cut in the trace (not on the console)
 
@@ -79,3 +81,33 @@ class BootTrace:
         else:
             self.tracer.span("fw_cfg-item", f"read {transfer.name}", transfer.start_ns,
                              transfer.end_ns, args)
+
+
+def trace_run(machine: "Machine", first_entry: int, stopped: int, stop: "Stop") -> None:
+    """After a run: RIP samples, the guest's own decompression (bzImage boots), the first
+    entry, the kernel entry, the shutdown request and the stop, on the timeline."""
+    sampler = machine.sampler
+    if sampler is not None:
+        sampler.resolve(machine.config.symbols, machine.config.kernel)
+    tracer = machine.tracer
+    if not tracer.enabled:
+        return
+    if sampler is not None:
+        from leanvm.machine.sampler import add_to_trace
+
+        add_to_trace(tracer, sampler.samples, sampler.symbols, sampler.sample_vcpus)
+    built = machine.built
+    boot_trace = machine._boot_trace
+    if built is not None and built.direct_boot is not None and boot_trace is not None:
+        from leanvm.machine.direct_boot import note_guest_decompression
+
+        note_guest_decompression(built.direct_boot, built.kernel_file, boot_trace.phases,
+                                 tracer)
+    tracer.instant("vmm", "first vCPU entry", ts=first_entry)
+    hit = built.entry_trap.hit if built is not None and built.entry_trap is not None else None
+    if hit is not None:
+        tracer.instant("vmm", "kernel entry", ts=hit.time_ns,
+                       args={"address": f"{hit.address:#x}"})
+    tracer.instant("vmm", "shutdown request", ts=machine._control.requested_ns or stopped,
+                   args={"reason": stop.reason.value})
+    tracer.instant("vmm", "stop", ts=stopped)

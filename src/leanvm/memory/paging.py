@@ -1,6 +1,6 @@
 """Guest page-table walks: virtual address -> guest-physical address, with the CPU's checks.
 
-The emulation fallback (machine/fallback.py) runs one guest instruction outside KVM and must
+The emulation fallback (machine/fallback/) runs one guest instruction outside KVM and must
 see guest memory exactly as the guest's MMU would: this module walks the guest's own page
 tables (4- and 5-level long mode with 1 GiB/2 MiB pages, 32-bit PAE and non-PAE paging, or
 paging off) and applies the present/write/user/NX/SMEP/SMAP rules of Intel SDM vol. 3

@@ -224,23 +224,41 @@ def _function_legend(chart: _Chart, y: float, ranked: list[tuple[str, int]]) -> 
     return _legend(chart, y, "function", "RIP samples by function:", entries)
 
 
-def svg(events: list[Event], origin: int, width: int = 960) -> str:
-    """A Gantt-like chart on a white page: one bar per phase, from it to the next phase
-    (spans: their own length); below them a track of ticks per console (each line's text is
-    its tooltip) and per vCPU a track of RIP samples coloured by function; legends for the
-    category and function colours; an axis of 1-2-5 steps in whole ns, µs, ms or s. Text
-    that comes from a guest or a file is escaped, and any label cut short has the full text
-    as a tooltip (<title>). Samples carry a vCPU only if their args name one ("vcpu");
-    leanvm samples vCPU 0 alone and records none, so its samples make one track."""
-    phases = rows(events)
-    lines = {cat: [e for e in events if e.cat == cat] for cat in LINE_TRACKS}
-    lines = {cat: found for cat, found in lines.items() if found}
+def _samples_by_vcpu(events: list[Event]) -> "dict[int | None, list[Event]]":
     samples: dict[int | None, list[Event]] = {}
     for e in events:
         if e.cat == "sample":
             vcpu = (e.args or {}).get("vcpu")
             known = isinstance(vcpu, int) and not isinstance(vcpu, bool)
             samples.setdefault(vcpu if known else None, []).append(e)
+    return samples
+
+
+def _tracks(chart: "_Chart", lines: dict[str, list[Event]], colours: dict[str, str],
+            samples: "dict[int | None, list[Event]]", functions: dict[str, str]
+            ) -> list[tuple[str, Callable[[float], None]]]:
+    """(name, draw at y) per console track, then per vCPU's RIP samples."""
+    tracks: list[tuple[str, Callable[[float], None]]] = [
+        (LINE_TRACKS[cat], partial(_line_track, chart, lines=group, colour=colours[cat]))
+        for cat, group in lines.items()]
+    for vcpu in sorted(samples, key=lambda v: -1 if v is None else v):  # a track per vCPU
+        tracks.append(("RIP samples" if vcpu is None else f"RIP samples, vCPU {vcpu}",
+                       partial(_sample_track, chart, samples=samples[vcpu], colours=functions)))
+    return tracks
+
+
+def svg(events: list[Event], origin: int, width: int = 960) -> str:
+    """A Gantt-like chart on a white page: one bar per phase, from it to the next phase
+    (spans: their own length); below them a track of ticks per console (each line's text is
+    its tooltip) and per vCPU a track of RIP samples coloured by function; legends for the
+    category and function colours; an axis of 1-2-5 steps in whole ns, µs, ms or s. Text
+    that comes from a guest or a file is escaped, and any label cut short has the full text
+    as a tooltip (<title>). Samples make one track per vCPU their args name ("vcpu"), and
+    one track for those that name none."""
+    phases = rows(events)
+    lines = {cat: [e for e in events if e.cat == cat] for cat in LINE_TRACKS}
+    lines = {cat: found for cat, found in lines.items() if found}
+    samples = _samples_by_vcpu(events)
     drawn = phases + [e for group in [*lines.values(), *samples.values()] for e in group]
     if not drawn:
         phases = drawn = [Event(origin, "vmm", "(no events)")]
@@ -260,12 +278,7 @@ def svg(events: list[Event], origin: int, width: int = 960) -> str:
     functions = dict(zip((name for name, _ in ranked), FUNCTION_COLOURS))
     if ranked:
         y = _function_legend(chart, y, ranked)
-    tracks: list[tuple[str, Callable[[float], None]]] = [
-        (LINE_TRACKS[cat], partial(_line_track, chart, lines=group, colour=colours[cat]))
-        for cat, group in lines.items()]
-    for vcpu in sorted(samples, key=lambda v: -1 if v is None else v):  # a track per vCPU
-        tracks.append(("RIP samples" if vcpu is None else f"RIP samples, vCPU {vcpu}",
-                       partial(_sample_track, chart, samples=samples[vcpu], colours=functions)))
+    tracks = _tracks(chart, lines, colours, samples, functions)
 
     top = y + 4
     y = top + ROW * len(phases)
@@ -285,7 +298,10 @@ def svg(events: list[Event], origin: int, width: int = 960) -> str:
                   f'{chart.label(y, name, **{"font-style": "italic"})}</g>')
         draw(y)
         y += ROW
-    height = int(axis_y + 30)
+    return _document(chart, width, int(axis_y + 30), total)
+
+
+def _document(chart: "_Chart", width: int, height: int, total: int) -> str:
     head = ['<?xml version="1.0" encoding="UTF-8"?>',
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" '

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from leanvm.memory.paging import READ, WRITE, violation
 
 if TYPE_CHECKING:
-    from leanvm.machine.fallback.engine import Mapped, StepInput
+    from leanvm.machine.fallback.steps import Mapped, StepInput
 
 PAGE = 4096
 MAX_PIECE = 8  # bytes per bus access, as one KVM MMIO exit carries at most
@@ -171,7 +171,7 @@ from the machine's memslots)."""
 
 
 def memslot_backing(memslots: Any) -> Backing:
-    """A Backing read from ``memslots`` (machine.builder.Memslots) at each call: the slot
+    """A Backing read from ``memslots`` (machine.memory_manager.Memslots) at each call: the slot
     of a present owner that wholly holds the page."""
 
     def backing(page: int) -> "tuple[int, bool] | None":

@@ -26,13 +26,14 @@ mapped before it starts.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, NamedTuple
+from typing import Any
 
 from leanvm.errors import GuestError
 from leanvm.machine.fallback.device_pages import Backing, DevicePages, MmioBus
+from leanvm.machine.fallback.steps import Done, Fault, FpuState, Halt, Mapped, StepInput
 from leanvm.memory.guest import GuestMemory, RegionKind
-from leanvm.memory.paging import (FETCH, READ, WRITE, NonCanonical, PageFault, PagingContext,
-                                  Translation, violation, walk)
+from leanvm.memory.paging import (FETCH, READ, WRITE, NonCanonical, PageFault, Translation,
+                                  violation, walk)
 
 PAGE = 4096
 UC_ADDRESS_MASK = (1 << 52) - 1  # Unicorn's physical address width (paging off)
@@ -44,66 +45,6 @@ MAX_ATTEMPTS = 3  # runs of one step (a retry maps the top page first)
 GPRS_64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 GPRS_32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp")
-
-
-class Fault(NamedTuple):
-    """An exception the guest should see instead of the instruction completing."""
-
-    vector: int
-    error_code: int | None = None
-    cr2: int | None = None
-
-
-class Halt(NamedTuple):
-    """The step cannot go on: stop the VM with ``detail`` (one line)."""
-
-    detail: str
-
-
-class Done(NamedTuple):
-    """The instruction completed: new register values and the writes to commit."""
-
-    registers: dict[str, int]  # kvm_regs field names (64-bit names, also in 32-bit mode)
-    fs_base: int
-    gs_base: int
-    fpu: "FpuState | None"
-    writes: list[tuple[int, bytes]]  # (guest-physical address, bytes), in order
-    flag_updates: list[tuple[int, int]]  # page-table entries: (address, accessed/dirty bits)
-    device_writes: "list[tuple[int, int, int]] | tuple[()]" = ()  # MMIO (address, size, value)
-
-
-class FpuState(NamedTuple):
-    """The SSE and x87 state the fallback carries: XMM registers (ints), MXCSR, x87 control,
-    status and abridged tag words, and ST(0)-ST(7) as 10-byte values (FXSAVE order)."""
-
-    xmm: tuple[int, ...]
-    mxcsr: int
-    fcw: int
-    fsw: int
-    ftw: int  # abridged: bit i set = physical register i valid
-    st: tuple[bytes, ...]
-
-
-class Mapped(NamedTuple):
-    linear: int
-    physical: int
-    translation: Translation
-    writable: bool  # the guest may write it (page tables and region)
-    ram: bool  # writable RAM (false: ROM or a read-only mapping)
-    buffer: int  # host address of the copy Unicorn works on (0: a device page)
-
-
-class StepInput(NamedTuple):
-    """What the engine needs from the vCPU for one step."""
-
-    registers: dict[str, int]  # kvm_regs field values
-    fs_base: int
-    gs_base: int
-    fpu: FpuState | None
-    paging: PagingContext
-    user: bool  # CPL 3
-    rip: int
-    size: int  # the instruction's length
 
 
 class Engine:
