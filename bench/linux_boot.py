@@ -90,6 +90,7 @@ def watch(proc: subprocess.Popen, start: int, until: bytes, limit: float,
               "init_ms": (found - start) / 1e6 if found else float("nan"), **extra}
     result["console_tail"] = seen[-400:].decode(errors="replace")
     result["stderr_tail"] = errors[-300:].decode(errors="replace").strip()
+    result["stderr_full"] = errors.decode(errors="replace")  # the caller pops it (QEMU -trace)
     return result
 
 
@@ -112,6 +113,7 @@ def leanvm_once(kernel: Path, initrd: Path, cmdline: str, memory: str, mode: str
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     result = watch(proc, start, until, limit + 30)
+    result.pop("stderr_full")
     proc.wait(timeout=60)
     if not stats.exists():
         raise RuntimeError(f"leanvm {mode} failed: {proc.stderr.read().decode()[-500:]}")
@@ -168,7 +170,9 @@ def qemu_once(machine: str, kernel: Path, initrd: Path, cmdline: str, memory: st
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     try:
-        return watch(proc, start, INIT_LINE, limit, milestone, qemu_memory(memory_bytes))
+        result = watch(proc, start, INIT_LINE, limit, milestone, qemu_memory(memory_bytes))
+        result.pop("stderr_full")
+        return result
     finally:
         stop(proc)
 

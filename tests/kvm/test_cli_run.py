@@ -75,7 +75,7 @@ def stat_fields(data: object, prefix: str = "") -> set[str]:
         for key, value in data.items():
             name = f"{prefix}{key}"
             fields.add(name)
-            if key not in ("properties", "counts", "exceptions"):
+            if key not in ("properties", "counts", "exceptions", "exit_kinds"):
                 fields |= stat_fields(value, name + ".")
     elif isinstance(data, list) and data and isinstance(data[0], dict):
         fields |= stat_fields(data[0], prefix[:-1] + "[].")

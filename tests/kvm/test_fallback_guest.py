@@ -52,7 +52,11 @@ def test_insns_give_the_right_answers_with_the_fallback(guest, finding) -> None:
         fallback = vm.fallback
     assert result.reason is StopReason.GUEST_EXIT and result.status == 0, result.detail
     got = values(vm.console.decode())
-    for name, value in expected_results().items():
+    expected = expected_results()
+    if os.environ.get("LEANVM_NESTED") == "tcg":  # docs/nested.md: TCG's LDMXCSR never #GPs
+        expected.pop("gp-count")
+        expected.pop("gp-error")
+    for name, value in expected.items():
         assert got.get(name) == value, (name, got.get(name))
     # MOVBE: byte-swapped, or #UD where the CPU has no MOVBE (the handler reports 0xdead)
     assert got["movbe"] in (0x11223344, 0xDEAD)

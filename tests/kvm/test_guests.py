@@ -138,3 +138,16 @@ def test_without_ioeventfd_the_same_writes_exit(guest) -> None:
     with Machine(memory="16M", guest=guest("portloop"), args="50") as vm:
         result = vm.run(timeout=30)
         assert vm.pio_bus.unclaimed[0x80] == 50 and result.exits >= 50
+
+
+def test_exits_are_counted_by_kind_port_and_device(guest) -> None:
+    with Machine(memory="16M", guest=guest("portloop"), args="50") as vm:
+        result = vm.run(timeout=30)
+        figures = result.stats()
+    assert result.exit_kinds["pio-out"] == sum(
+        row["out"] for row in figures["exits_by"]["ports"]) >= 51  # 50 + the exit port
+    ports = {row["port"]: row for row in figures["exits_by"]["ports"]}
+    assert ports["0x80"]["out"] == 50 and ports["0x80"]["device"] is None  # nothing there
+    assert ports["0xf4"]["device"] == "debug-exit" and ports["0xf4"]["out"] == 1
+    assert sum(result.exit_kinds.values()) == result.exits
+    assert result.busiest[0] == ("port 0x80", 50)

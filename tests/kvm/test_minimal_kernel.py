@@ -134,6 +134,7 @@ def test_test_init_runs_in_user_mode(test_init_boot: Boot) -> None:
                                            f"at one of its int 0x80 instructions")
 
 
+@pytest.mark.userspace
 def test_test_init_prints_fires_probes_and_powers_off(test_init_boot: Boot) -> None:
     run = test_init_boot
     trap = INIT_TRAP.search(run.raw)
@@ -157,6 +158,7 @@ def test_busybox_init_runs_in_user_mode(busybox_boot: Boot, minimal_kernel: Path
                                            f"entry_SYSCALL_64 ({entry:#x})")
 
 
+@pytest.mark.userspace
 def test_busybox_init_prints_fires_probes_and_powers_off(busybox_boot: Boot,
                                                          minimal_kernel: Path) -> None:
     run = busybox_boot

@@ -122,3 +122,36 @@ def test_linux_parameters_for_unhidden_features() -> None:
     line, added = with_parameters("console=ttyS0 noxsave", ("noxsave", "clearcpuid=smap"))
     assert line == "console=ttyS0 noxsave clearcpuid=smap" and added == ("clearcpuid=smap",)
     assert with_parameters("", ("noxsave",)) == ("noxsave", ("noxsave",))
+
+
+def kvm_like_table(pv_eax: int) -> "CpuidTable":
+    from leanvm.kvm.cpuid import CpuidEntry, CpuidTable
+
+    return CpuidTable((CpuidEntry(1, 0, 0, 0xA00F11, 0, 0x00202001, 0x78BFBFF),
+                       CpuidEntry(0x40000000, 0, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D),
+                       CpuidEntry(0x40000001, 0, 0, pv_eax, 0, 0, 0)))
+
+
+def test_guests_get_the_hypervisor_bit_and_kvms_paravirtual_features_it_offers() -> None:
+    from leanvm.machine.cpu_profile import apply
+
+    offered = 0x1007EFB  # what this project's host's KVM offers (measured 2026-12-01)
+    table = apply(kvm_like_table(offered), "host")
+    leaf1, pv = table.lookup(1), table.lookup(0x40000001)
+    assert leaf1.ecx >> 31 & 1  # without it Linux never reads the KVM leaves
+    assert not leaf1.ecx >> 24 & 1  # TSC-deadline only where KVM says the LAPIC has it
+    # kvm-clock (0, 3), its stable bit (24), no-I/O-delay (1), steal time (5), PV EOI (6),
+    # PV unhalt (7), PV TLB flush (9), PV IPI (11), poll control (12); not async PF (4)
+    expected = sum(1 << bit for bit in (0, 1, 3, 5, 6, 7, 9, 11, 12, 24)) & offered
+    assert pv.eax == expected and not pv.eax >> 4 & 1
+    assert table.lookup(0x40000000).ebx == 0x4B4D564B  # "KVMK": the signature stays
+    assert apply(kvm_like_table(offered), "host", tsc_deadline=True).lookup(1).ecx >> 24 & 1
+
+
+def test_what_the_host_does_not_offer_is_not_given_and_cpu_hide_can_take_it_away() -> None:
+    from leanvm.machine.cpu_profile import apply
+
+    table = apply(kvm_like_table(1 << 3), "host")  # only kvmclock2 offered
+    assert table.lookup(0x40000001).eax == 1 << 3
+    hidden = apply(kvm_like_table(0x1007EFB), "host", hide=("kvmclock", "kvmclock2"))
+    assert not hidden.lookup(0x40000001).eax & 0b1001

@@ -97,3 +97,14 @@ def test_a_flooding_guest_gets_a_bounded_queue(values: list[int]) -> None:
     for value in values:
         dev.write(DATA, 1, value)
     assert len(drain(dev)) <= 16
+
+
+def test_the_status_register_says_the_keyboard_is_not_locked() -> None:
+    """Bit 4 set: Linux warns "i8042: Warning: Keylock active" when it is clear."""
+    from leanvm.devices.i8042 import COMMAND, STATUS_UNLOCKED, I8042
+
+    dev = I8042(lambda: None)
+    assert STATUS_UNLOCKED == 0x10
+    assert dev.read(COMMAND, 1) & STATUS_UNLOCKED
+    dev.write(COMMAND, 1, 0x20)  # read config: a command does not lock it either
+    assert dev.read(COMMAND, 1) & STATUS_UNLOCKED

@@ -112,3 +112,19 @@ def test_locked_bus_holds_the_lock_around_device_calls() -> None:
     assert locked.read(0x700, 1) == 0x5A
     locked.write(0x701, 1, 1)
     assert seen == [True, True] and not lock.locked()
+
+
+def test_exit_counts_are_bounded_and_fold_together() -> None:
+    from leanvm.machine.vcpu_loop import MAX_COUNTED, OTHER, ExitCounts, count
+
+    counts = ExitCounts()
+    for address in range(MAX_COUNTED + 500):  # a guest walking addresses
+        count(counts.mmio_writes, 0x1000 * address)
+    assert len(counts.mmio_writes) == MAX_COUNTED + 1
+    assert counts.mmio_writes[OTHER] == 500
+    counts.out_ports[0x3F8] = 3
+    other = ExitCounts()
+    other.out_ports[0x3F8] = 2
+    other.others["hlt"] = 1
+    counts.add(other)
+    assert counts.kinds() == {"pio-out": 5, "mmio-write": MAX_COUNTED + 500, "hlt": 1}

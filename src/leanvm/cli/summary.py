@@ -52,11 +52,14 @@ def print_summary(result: "RunResult", stream: TextIO) -> None:
     elif result.kernel_expected:
         lines.append("kernel entry            not reached")
     lines.append(f"stopped                 {result.to_stop_ms:8.1f} ms after process start")
+    kinds = ", ".join(f"{kind} {n}" for kind, n in (result.exit_kinds or {}).items())
+    lines.append(f"vCPU exits {result.exits}" + (f": {kinds}" if kinds else ""))
+    if result.busiest:
+        lines.append("  most: " + ", ".join(f"{where} {n}" for where, n in result.busiest))
     done = result.accesses
     if done is not None:
-        lines.append(f"vCPU exits {result.exits}; device accesses: port I/O {done.pio} "
-                     f"({done.pio_unclaimed} unclaimed), MMIO {done.mmio} "
-                     f"({done.mmio_unclaimed} unclaimed)")
+        lines.append(f"device accesses: port I/O {done.pio} ({done.pio_unclaimed} unclaimed), "
+                     f"MMIO {done.mmio} ({done.mmio_unclaimed} unclaimed)")
     if result.fallback_summary:  # docs/emulation.md
         lines.append(one_line(result.fallback_summary))
     for line in lines:

@@ -23,6 +23,8 @@ COMMAND = 4  # port 0x64 (status on read)
 STATUS_OBF = 0x01  # output buffer full: data for the guest at port 0x60
 STATUS_SYS = 0x04  # system flag: self-test passed
 STATUS_CMD = 0x08  # last write was a command
+STATUS_UNLOCKED = 0x10  # keyboard not inhibited (no keylock); Linux warns "Keylock active"
+# when it is clear, and QEMU's controller sets it from reset
 
 CMD_READ_CONFIG = 0x20
 CMD_WRITE_CONFIG = 0x60
@@ -58,7 +60,7 @@ class I8042:
         self._on_reset = on_reset
         self._irq = irq
         self._irq_level = False
-        self.status = STATUS_SYS
+        self.status = STATUS_SYS | STATUS_UNLOCKED
         self.config = 0x45
         self.output_port = OUTPUT_PORT_RESET | OUTPUT_PORT_A20
         self._out: deque[int] = deque(maxlen=OUTPUT_LIMIT)

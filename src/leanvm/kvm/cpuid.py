@@ -69,7 +69,28 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "pdpe1gb": (0x80000001, 0, "edx", 26),
     "rdtscp": (0x80000001, 0, "edx", 27),
     "lm": (0x80000001, 0, "edx", 29),
+    "invtsc": (0x80000007, 0, "edx", 8),  # invariant TSC (AMD APM / Intel SDM leaf 0x80000007)
+    # KVM's paravirtual features, leaf 0x40000001 EAX (Linux
+    # Documentation/virt/kvm/x86/cpuid.rst; docs/facts.md#kvm-abi-facts-the-code-uses)
+    "kvmclock": (0x40000001, 0, "eax", 0),  # kvm-clock at the old MSRs 0x11/0x12
+    "kvm_nopiodelay": (0x40000001, 0, "eax", 1),  # no delays needed on port I/O
+    "kvmclock2": (0x40000001, 0, "eax", 3),  # kvm-clock at MSRs 0x4b564d00/01
+    "kvm_asyncpf": (0x40000001, 0, "eax", 4),
+    "kvm_steal_time": (0x40000001, 0, "eax", 5),
+    "kvm_pv_eoi": (0x40000001, 0, "eax", 6),
+    "kvm_pv_unhalt": (0x40000001, 0, "eax", 7),
+    "kvm_pv_tlb_flush": (0x40000001, 0, "eax", 9),
+    "kvm_asyncpf_vmexit": (0x40000001, 0, "eax", 10),
+    "kvm_pv_ipi": (0x40000001, 0, "eax", 11),
+    "kvm_poll_control": (0x40000001, 0, "eax", 12),
+    "kvm_pv_sched_yield": (0x40000001, 0, "eax", 13),
+    "kvm_asyncpf_int": (0x40000001, 0, "eax", 14),
+    "kvm_msi_ext_dest_id": (0x40000001, 0, "eax", 15),
+    "kvmclock_stable_bit": (0x40000001, 0, "eax", 24),
 }
+KVM_CPUID_SIGNATURE = 0x40000000  # EAX: highest KVM leaf; EBX, ECX, EDX: "KVMKVMKVM\0\0\0"
+KVM_CPUID_FEATURES = 0x40000001
+KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" as EBX, ECX, EDX
 
 _REGS = ("eax", "ebx", "ecx", "edx")
 
@@ -144,6 +165,13 @@ class CpuidTable(NamedTuple):
         zero = dict.fromkeys(registers, 0)
         return CpuidTable(tuple(entry._replace(**zero) if entry.function == function else entry
                                 for entry in self.entries))
+
+    def with_register(self, function: int, index: int, register: str,
+                      value: int) -> "CpuidTable":
+        """A copy with one register of one leaf (and subleaf) set to ``value``."""
+        return CpuidTable(tuple(e._replace(**{register: value})
+                                if e.function == function and e.index == index else e
+                                for e in self.entries))
 
     def phys_addr_bits(self) -> int:
         """Guest physical address width from leaf 0x80000008 (36 if the leaf is absent)."""

@@ -198,6 +198,14 @@ class Vcpu:
     def set_cpuid(self, table: CpuidTable) -> None:
         ioctl(self.fd, abi.KVM_SET_CPUID2, "KVM_SET_CPUID2", table.to_struct())
 
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: this vCPU's TSC frequency in kHz."""
+        return ioctl(self.fd, abi.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: the frequency the guest's TSC runs at (KVM scales it)."""
+        ioctl(self.fd, abi.KVM_SET_TSC_KHZ, "KVM_SET_TSC_KHZ", khz)
+
     def get_events(self) -> abi.kvm_vcpu_events:
         events = abi.kvm_vcpu_events()
         ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", events)

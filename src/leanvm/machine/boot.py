@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leanvm.abi.kvm import KVM_CAP_TSC_DEADLINE_TIMER
 from leanvm.errors import ImageError
 from leanvm.machine.config import MachineConfig
 from leanvm.machine.cpu import Entry, EntryMode, enter
@@ -105,7 +106,8 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
     path = boot_path(config)
     inputs = read_inputs(config, path)                                             # 0
     kvm = keep(Kvm(config.kvm_path))                                               # 1
-    profile, cpuid = cpu_profile(config, kvm.supported_cpuid(), host_finding)
+    profile, cpuid = cpu_profile(config, kvm.supported_cpuid(), host_finding,
+                                 bool(kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER)))
     cmdline, added = linux_cmdline(config, profile, host_finding)
     planned = plan_machine(config, cpuid.phys_addr_bits())                         # 2
     vm = keep(kvm.create_vm())                                                     # 3
@@ -156,12 +158,15 @@ def read_inputs(config: MachineConfig, path: BootPath) -> Inputs:
 
 # --- 1. host check and CPU profile ---------------------------------------------------------
 def cpu_profile(config: MachineConfig, supported: "CpuidTable",
-                host_finding: "Callable[[], HostFinding]") -> "tuple[str, CpuidTable]":
-    """("host" or "emulated", the CPUID table guests get) (docs/emulation.md)."""
+                host_finding: "Callable[[], HostFinding]",
+                tsc_deadline: bool) -> "tuple[str, CpuidTable]":
+    """("host" or "emulated", the CPUID table guests get) (docs/emulation.md): KVM's
+    supported CPUID, with the paravirtual leaves QEMU gives a KVM guest, less what the
+    profile and --cpu-hide hide."""
     from leanvm.machine import cpu_profile as profiles
 
     name = profiles.resolve(config.cpu_profile, lambda: host_finding().needs_fallback)
-    return name, profiles.apply(supported, name, config.hide_cpu_features)
+    return name, profiles.apply(supported, name, config.hide_cpu_features, tsc_deadline)
 
 
 def linux_cmdline(config: MachineConfig, profile: str,

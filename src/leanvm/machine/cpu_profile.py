@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from leanvm.errors import ConfigError
-from leanvm.kvm.cpuid import CpuidTable
+from leanvm.kvm.cpuid import FEATURES, KVM_CPUID_FEATURES, CpuidTable
 
 PROFILES = ("host", "emulated")  # "auto" resolves to one of these
 
@@ -48,9 +48,36 @@ def resolve(setting: str, host_needs_emulated: Callable[[], bool]) -> str:
     return setting
 
 
-def apply(table: CpuidTable, profile: str, hide: Sequence[str] = ()) -> CpuidTable:
-    """``table`` (KVM's supported CPUID) as a guest with ``profile`` sees it, then without
-    the features named in ``hide``."""
+# KVM's paravirtual features a guest gets, where the host's KVM offers them: what QEMU
+# enables for a KVM guest by default (kvm-clock with the stable bit, no port-I/O delays,
+# steal time, PV EOI, PV unhalt, PV TLB flush, PV IPIs, poll control). With kvm-clock,
+# Linux reads the TSC frequency from KVM instead of calibrating it against the PIT, and
+# keeps the TSC as its clock source: clock reads stay in the guest.
+PARAVIRT: tuple[str, ...] = (
+    "kvmclock", "kvmclock2", "kvmclock_stable_bit", "kvm_nopiodelay", "kvm_steal_time",
+    "kvm_pv_eoi", "kvm_pv_unhalt", "kvm_pv_tlb_flush", "kvm_pv_ipi", "kvm_poll_control",
+)
+
+
+def paravirtual(table: CpuidTable, tsc_deadline: bool) -> CpuidTable:
+    """What a VMM adds to KVM's supported CPUID: the hypervisor bit (leaf 1 ECX[31], which
+    KVM leaves to the VMM and without which Linux never looks at the KVM leaves), KVM's
+    feature leaf reduced to PARAVIRT (of what KVM offers), and the TSC-deadline timer mode
+    of the in-kernel LAPIC where KVM has it (KVM_CAP_TSC_DEADLINE_TIMER)."""
+    features = table.lookup(KVM_CPUID_FEATURES)
+    if features is not None:
+        wanted = sum(1 << FEATURES[name][3] for name in PARAVIRT)
+        table = table.with_register(KVM_CPUID_FEATURES, features.index, "eax",
+                                    features.eax & wanted)
+    return table.with_features(("hypervisor", "tsc_deadline") if tsc_deadline
+                               else ("hypervisor",))
+
+
+def apply(table: CpuidTable, profile: str, hide: Sequence[str] = (),
+          tsc_deadline: bool = False) -> CpuidTable:
+    """``table`` (KVM's supported CPUID) as a guest with ``profile`` sees it (with the
+    paravirtual leaves), then without the features named in ``hide``."""
+    table = paravirtual(table, tsc_deadline)
     if profile == "emulated":
         kept = [name for name in EMULATED_KEEP if table.has(name)]
         table = (table.without(EMULATED_HIDDEN).with_leaf_cleared(STRUCTURED_FEATURES_LEAF)

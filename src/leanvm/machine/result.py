@@ -67,6 +67,8 @@ class RunResult(NamedTuple):
     fallback_summary: str = ""  # the emulation fallback's one line, if it ran
     samples: SampleSummary | None = None
     ends_mid_line: bool = False  # the guest's last console line on the terminal is unfinished
+    exit_kinds: "dict[str, int] | None" = None  # pio-out, pio-in, mmio-write, mmio-read, ...
+    busiest: tuple[tuple[str, int], ...] = ()  # ("port 0x3f8 (com1)", exits), most first
 
     @property
     def to_kernel_entry_ms(self) -> float | None:
@@ -156,4 +158,19 @@ def result_of(machine: "Machine", control: "LoopControl", stop: "Stop", first_en
         DeviceAccesses(pio.accesses, pio.unclaimed_reads + pio.unclaimed_writes,
                        mmio.accesses, mmio.unclaimed_reads + mmio.unclaimed_writes),
         fallback.summary() if fallback is not None and fallback.total else "", samples,
-        machine.consoles.ends_mid_line())
+        machine.consoles.ends_mid_line(), control.counts.kinds(), _busiest(control, pio, mmio))
+
+
+def _busiest(control: "LoopControl", pio: Any, mmio: Any, top: int = 5
+             ) -> tuple[tuple[str, int], ...]:
+    from leanvm.machine.stats import exits_by_place
+
+    places = exits_by_place(control.counts, pio, mmio, top)
+    named = []
+    for row in places["ports"]:
+        named.append((f"port {row['port']}" + (f" ({row['device']})" if row["device"] else ""),
+                      row["out"] + row["in"]))
+    for row in places["mmio"]:
+        named.append((f"MMIO {row['address']}" + (f" ({row['device']})" if row["device"] else ""),
+                      row["writes"] + row["reads"]))
+    return tuple(sorted(named, key=lambda item: -item[1])[:top])

@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from leanvm.devices.bus import Bus
     from leanvm.machine.machine import Machine
+    from leanvm.machine.vcpu_loop import ExitCounts
 
 SCHEMA = 1
 
@@ -53,6 +55,8 @@ def collect(machine: "Machine", memory: bool = True) -> dict[str, Any]:
     data: dict[str, Any] = {
         "leanvm_version": __version__,
         "name": machine.config.name,
+        "exit_kinds": machine._control.counts.kinds(),
+        "exits_by": exits_by_place(machine._control.counts, pio, mmio),
         "device_accesses": {
             "pio": pio.accesses, "pio_unclaimed": pio.unclaimed_reads + pio.unclaimed_writes,
             "mmio": mmio.accesses,
@@ -95,3 +99,26 @@ def host_memory(machine: "Machine", rows: list[Any]) -> dict[str, int]:
             "process_rss": process.rss, "process_pss": process.pss,
             "process_private": process.private,
             "vmm_private": max(0, process.private_dirty - guest.private_dirty)}
+
+
+def exits_by_place(counts: "ExitCounts", pio: "Bus", mmio: "Bus",
+                   top: int = 32) -> dict[str, list[dict[str, Any]]]:
+    """The ports and MMIO addresses that exited most, each named by the device there (the
+    platform table's names, or a device added through the API), most exits first."""
+    from leanvm.machine.vcpu_loop import OTHER
+
+    def rows(first: dict[int, int], second: dict[int, int], bus: "Bus", names: tuple[str, str],
+             key: str) -> list[dict[str, Any]]:
+        places = sorted(set(first) | set(second),
+                        key=lambda p: -(first.get(p, 0) + second.get(p, 0)))
+        out = []
+        for place in places[:top]:
+            found = bus.lookup(place) if place != OTHER else None
+            out.append({key: "other" if place == OTHER else f"{place:#x}",
+                        "device": found.name if found is not None else None,
+                        names[0]: first.get(place, 0), names[1]: second.get(place, 0)})
+        return out
+
+    return {"ports": rows(counts.out_ports, counts.in_ports, pio, ("out", "in"), "port"),
+            "mmio": rows(counts.mmio_writes, counts.mmio_reads, mmio, ("writes", "reads"),
+                         "address")}

@@ -48,6 +48,47 @@ class Stop(NamedTuple):
     exit: ex.Exit | None = None
 
 
+MAX_COUNTED = 1024  # distinct ports or addresses counted one by one; the rest go to OTHER
+OTHER = -1
+
+
+class ExitCounts:
+    """Exits by kind, and port I/O and MMIO exits by port and address (each table bounded:
+    a guest walking addresses adds to one ``OTHER`` entry beyond MAX_COUNTED)."""
+
+    __slots__ = ("out_ports", "in_ports", "mmio_writes", "mmio_reads", "others")
+
+    def __init__(self) -> None:
+        self.out_ports: dict[int, int] = {}
+        self.in_ports: dict[int, int] = {}
+        self.mmio_writes: dict[int, int] = {}
+        self.mmio_reads: dict[int, int] = {}
+        self.others: dict[str, int] = {}  # exit kind (hlt, interrupted, ...) -> count
+
+    def add(self, other: "ExitCounts") -> None:
+        """Fold another vCPU's counts into these."""
+        for name in ("out_ports", "in_ports", "mmio_writes", "mmio_reads", "others"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for key, value in theirs.items():
+                count(mine, key, value)
+
+    def kinds(self) -> dict[str, int]:
+        """Exits by kind: port out and in, MMIO write and read, then the rest."""
+        kinds = {"pio-out": sum(self.out_ports.values()), "pio-in": sum(self.in_ports.values()),
+                 "mmio-write": sum(self.mmio_writes.values()),
+                 "mmio-read": sum(self.mmio_reads.values())}
+        kinds.update(self.others)
+        return {kind: n for kind, n in kinds.items() if n}
+
+
+def count(table: dict, key: object, n: int = 1) -> None:
+    """``table[key] += n``, within MAX_COUNTED keys (beyond: ``table[OTHER]``)."""
+    if key in table or len(table) < MAX_COUNTED:
+        table[key] = table.get(key, 0) + n
+    else:
+        table[OTHER] = table.get(OTHER, 0) + n
+
+
 class LoopControl:
     """Shared between the loop and whoever may stop it (devices, timers, other threads).
 
@@ -56,12 +97,13 @@ class LoopControl:
     signal, which interrupts KVM_RUN even for a guest that never exits on its own."""
 
     __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns",
-                 "_lock", "_running")
+                 "_lock", "_running", "counts")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
         self.requested_ns = 0  # CLOCK_MONOTONIC when the stop was requested
         self.exits = 0
+        self.counts = ExitCounts()  # exits by kind, port and address
         # Called with the vCPU and the exit; True means it was handled and the vCPU goes on.
         self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
         # Called with the vCPU when a kick interrupted KVM_RUN without a stop (the sampler).
@@ -102,14 +144,21 @@ class LoopControl:
                     signal.pthread_kill(thread, KICK_SIGNAL)  # one in progress returns EINTR
 
 
+KIND_NAMES = {ex.Hlt: "hlt", ex.Shutdown: "shutdown", ex.Interrupted: "interrupted",
+              ex.FailEntry: "fail-entry", ex.SystemEvent: "system-event",
+              ex.InternalError: "internal-error", ex.Unknown: "unknown"}
+
+
 def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
     ioctl, fd, page, kvm_run = fcntl.ioctl, vcpu.fd, vcpu.run_view, abi.KVM_RUN
     header, header_at = EXIT_HEADER.unpack_from, abi.RUN_EXIT_REASON
     exit_io, io_out = abi.KVM_EXIT_IO, abi.KVM_EXIT_IO_OUT
     pio_read, pio_write = pio.read, pio.write
-    mmio_read, mmio_write = mmio.read, mmio.write
     from_bytes = int.from_bytes
-    IoOut, IoIn, MmioRead, MmioWrite = ex.IoOut, ex.IoIn, ex.MmioRead, ex.MmioWrite
+    counts = control.counts
+    out_ports, out_get = counts.out_ports, counts.out_ports.get
+    in_ports, in_get = counts.in_ports, counts.in_ports.get
+    limit = MAX_COUNTED
     exits = 0
     control.enter(vcpu)
     try:
@@ -120,39 +169,57 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
             except OSError as exc:
                 exit_ = vcpu.run_failed(exc)
             else:
-                # The commonest exit, one OUT, goes to its device without building an Exit.
+                # The commonest exits, one OUT or one IN, go to their device straight from
+                # the run page, without building an Exit.
                 reason, direction, size, port, count, offset = header(page, header_at)
-                if reason == exit_io and direction == io_out and count == 1:
-                    pio_write(port, size, from_bytes(page[offset:offset + size], "little"))
+                if reason == exit_io and count == 1:
+                    if direction == io_out:
+                        pio_write(port, size, from_bytes(page[offset:offset + size], "little"))
+                        table, seen = out_ports, out_get(port)
+                    else:
+                        page[offset:offset + size] = pio_read(port, size).to_bytes(size, "little")
+                        table, seen = in_ports, in_get(port)
+                    if seen is not None:
+                        table[port] = seen + 1
+                    elif len(table) < limit:
+                        table[port] = 1
+                    else:
+                        table[OTHER] = table.get(OTHER, 0) + 1
                     continue
                 exit_ = vcpu.decode()
-            kind = type(exit_)
-            if kind is IoOut:
-                size = exit_.size
-                if exit_.count == 1:
-                    pio_write(exit_.port, size, from_bytes(exit_.data, "little"))
-                else:
-                    data = exit_.data
-                    for i in range(0, size * exit_.count, size):
-                        pio_write(exit_.port, size, from_bytes(data[i:i + size], "little"))
-            elif kind is IoIn:
-                size = exit_.size
-                vcpu.complete_io_in(exit_, b"".join(
-                    pio_read(exit_.port, size).to_bytes(size, "little")
-                    for _ in range(exit_.count)))
-            elif kind is MmioWrite:
-                mmio_write(exit_.address, exit_.size, from_bytes(exit_.data, "little"))
-            elif kind is MmioRead:
-                size = exit_.size
-                vcpu.complete_mmio_read(mmio_read(exit_.address, size).to_bytes(size, "little"))
-            else:
-                stop = _other_exit(vcpu, exit_, control)
-                if stop is not None:
-                    control.request(stop)
+            _decoded_exit(vcpu, exit_, pio, mmio, control)
     finally:
         control.leave(vcpu)
         control.exits += exits
     return control.stop
+
+
+def _decoded_exit(vcpu: Vcpu, exit_: ex.Exit, pio: Bus, mmio: Bus, control: LoopControl) -> None:
+    """Every exit but a single OUT or IN: string port I/O, MMIO, and the rest."""
+    kind, counts, from_bytes = type(exit_), control.counts, int.from_bytes
+    if kind is ex.IoOut:
+        size = exit_.size
+        count(counts.out_ports, exit_.port)
+        data = exit_.data
+        for i in range(0, size * exit_.count, size):
+            pio.write(exit_.port, size, from_bytes(data[i:i + size], "little"))
+    elif kind is ex.IoIn:
+        size = exit_.size
+        count(counts.in_ports, exit_.port)
+        vcpu.complete_io_in(exit_, b"".join(pio.read(exit_.port, size).to_bytes(size, "little")
+                                            for _ in range(exit_.count)))
+    elif kind is ex.MmioWrite:
+        count(counts.mmio_writes, exit_.address)
+        mmio.write(exit_.address, exit_.size, from_bytes(exit_.data, "little"))
+    elif kind is ex.MmioRead:
+        size = exit_.size
+        count(counts.mmio_reads, exit_.address)
+        vcpu.complete_mmio_read(mmio.read(exit_.address, size).to_bytes(size, "little"))
+    else:
+        count(counts.others, KIND_NAMES.get(kind, kind.__name__))
+        stop = _other_exit(vcpu, exit_, control)
+        if stop is not None:
+            control.request(stop)
 
 
 def _other_exit(vcpu: Vcpu, exit_: ex.Exit, control: LoopControl) -> Stop | None:

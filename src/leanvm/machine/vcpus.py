@@ -169,6 +169,7 @@ def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupContro
                 thread.join()
         for member in members:
             control.exits += member.exits
+            control.counts.add(member.counts)
     if errors:
         raise errors[0]
     assert control.stop is not None

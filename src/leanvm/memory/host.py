@@ -15,6 +15,7 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_NORESERVE = 0x4000  # do not reserve swap for this mapping
 PROT_NONE = 0  # a reservation: no access until something is mapped over it
 MAP_FIXED = 0x10  # place the mapping exactly at the address given (over a reservation)
+MADV_RANDOM = 1  # no read-ahead around faults on this range
 MADV_DONTNEED = 4  # drop the pages; anonymous memory reads as zero afterwards
 
 
@@ -186,6 +187,8 @@ def map_flash_bank(bank_size: int, image: str | None, image_size: int, *, writab
             assert image is not None
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             _map_fixed(base, image_size, prot, image)
+            if writable:  # a store is usually one VM's own copy: read only what it touches,
+                libc.madvise(base, image_size, MADV_RANDOM)  # not the kernel's read-ahead
             if data_extents is not None:
                 for start, length in _holes(data_extents, image_size):
                     _map_zero(base + start, length, prot)
