@@ -151,3 +151,31 @@ def test_exits_are_counted_by_kind_port_and_device(guest) -> None:
     assert ports["0xf4"]["device"] == "debug-exit" and ports["0xf4"]["out"] == 1
     assert sum(result.exit_kinds.values()) == result.exits
     assert result.busiest[0] == ("port 0x80", 50)
+
+
+def test_console_writes_queued_by_kvm_arrive_in_order_and_cut_the_exits(guest) -> None:
+    """With coalesced I/O the UART's transmit writes do not exit: the demo's bytes reach
+    the console at its next exit (its line-status polls), in order, with half the exits."""
+    counts = {}
+    for coalesced in (True, False):
+        with Machine(memory="32M", guest=guest("hello"), args="x",
+                     coalesced_io=coalesced) as vm:
+            result = vm.run(timeout=30)
+            kicks = (result.exit_kinds or {}).get("interrupted", 0)  # the flusher's, if any
+            counts[coalesced] = (result.exits - kicks, result.coalesced, vm.console)
+    (with_exits, queued, text), (without_exits, none, plain) = counts[True], counts[False]
+    assert text == plain and b"hello from a bare guest" in text
+    assert none == 0
+    if queued:  # KVM here queues port writes (KVM_CAP_COALESCED_PIO)
+        assert queued == len(text) and without_exits - with_exits == queued
+
+
+def test_queued_writes_reach_the_console_when_the_guest_stops_exiting(guest) -> None:
+    """A guest that fills the UART without polling and then halts makes no exit: the
+    flusher kicks it, so its bytes still arrive (machine/flusher.py)."""
+    with Machine(memory="32M", guest=guest("quietwrite"), args="no exit after this") as vm:
+        vm.start(timeout=20)
+        vm.wait_for_console("no exit after this", timeout=10)
+        vm.stop("seen")
+        result = vm.wait(10)
+    assert result.reason is StopReason.INTERRUPTED

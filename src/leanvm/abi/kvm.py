@@ -175,6 +175,22 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    """struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size; union { __u32 pad;
+    __u32 pio; }; };"""
+
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+# struct kvm_coalesced_mmio_ring { __u32 first, last; struct kvm_coalesced_mmio
+# coalesced_mmio[]; } with struct kvm_coalesced_mmio { __u64 phys_addr; __u32 len;
+# union { __u32 pad; __u32 pio; }; __u8 data[8]; }: KVM appends at ``last``, the VMM
+# consumes from ``first``; the ring fills one page.
+COALESCED_RING_HEADER = 8
+COALESCED_ENTRY = 24  # "<QII8s"
+COALESCED_MAX = (4096 - COALESCED_RING_HEADER) // COALESCED_ENTRY
+
+
 class kvm_pit_config(ctypes.Structure):
     """struct kvm_pit_config { __u32 flags; __u32 pad[15]; };"""
 
@@ -305,6 +321,7 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_XSAVE = 55
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_COALESCED_MMIO = 15  # returns the ring's page offset in the vCPU mapping
 KVM_CAP_TSC_CONTROL = 60  # KVM_SET_TSC_KHZ
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_TSC_DEADLINE_TIMER = 72  # the in-kernel LAPIC has the TSC-deadline timer mode
@@ -312,6 +329,7 @@ KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_GUEST_MEMFD = 234
 
 # --- ioctls: system (/dev/kvm) -------------------------------------------------------
@@ -329,6 +347,8 @@ KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, kvm_irq_level)
 KVM_IRQFD = _iow(0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _iow(0x77, kvm_pit_config)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, kvm_coalesced_mmio_zone)
 KVM_IOEVENTFD = _iow(0x79, kvm_ioeventfd)
 # --- ioctls: vCPU ----------------------------------------------------------------------
 KVM_RUN = _io(0x80)

@@ -103,6 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
                         help="copy the kernel and initrd into guest RAM instead of mapping "
                              "their pages copy-on-write from the files (direct boot)")
+    parser.add_argument("--no-coalesced-io", dest="coalesced_io", action="store_false",
+                        help="exit on every serial console write instead of letting KVM "
+                             "queue them until the next exit (docs/linux.md)")
     parser.add_argument("--no-initrd-unpack", dest="initrd_unpack", action="store_false",
                         help="boot a compressed initramfs as it is (by default leanvm "
                              "decompresses it on the host once, cached, for direct boots)")
@@ -234,6 +237,7 @@ def machine_config(args: argparse.Namespace) -> "MachineConfig":
                          trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
                          smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
                          initrd_unpack=args.initrd_unpack, sample_hz=args.sample_rip,
+                         coalesced_io=args.coalesced_io,
                          symbols=args.symbols, emulation_fallback=args.emulation_fallback,
                          probe_names=_probe_table(args.probes) if args.probes else (),
                          machine=machine_name, name=args.name, pa_bits=args.pa_bits,

@@ -53,7 +53,9 @@ def print_summary(result: "RunResult", stream: TextIO) -> None:
         lines.append("kernel entry            not reached")
     lines.append(f"stopped                 {result.to_stop_ms:8.1f} ms after process start")
     kinds = ", ".join(f"{kind} {n}" for kind, n in (result.exit_kinds or {}).items())
-    lines.append(f"vCPU exits {result.exits}" + (f": {kinds}" if kinds else ""))
+    lines.append(f"vCPU exits {result.exits}" + (f": {kinds}" if kinds else "")
+                 + (f"; {result.coalesced} console writes queued by KVM without an exit"
+                    if result.coalesced else ""))
     if result.busiest:
         lines.append("  most: " + ", ".join(f"{where} {n}" for where, n in result.busiest))
     done = result.accesses

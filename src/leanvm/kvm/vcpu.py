@@ -9,12 +9,16 @@ import os
 import signal
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from leanvm.abi import kvm as abi
 from leanvm.errors import KvmError
 from leanvm.kvm import exits as ex
 from leanvm.kvm._ioctl import ioctl
 from leanvm.kvm.cpuid import CpuidTable
+
+if TYPE_CHECKING:
+    from leanvm.kvm.coalesced import CoalescedRing
 
 _U32 = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
@@ -43,6 +47,7 @@ class Vcpu:
         self._run = memoryview(self.run_page)
         self.run_view = self._run  # the kvm_run page, for the vCPU loop's fast path
         self._kick_signal: int | None = None  # see bind_kick_signal
+        self._rings: "list[CoalescedRing]" = []
 
     # --- running ---------------------------------------------------------------------
     def run(self) -> ex.Exit:
@@ -136,6 +141,17 @@ class Vcpu:
         mask = abi.kvm_signal_mask_64(abi.KVM_SIGSET_BYTES, bits)
         ioctl(self.fd, abi.KVM_SET_SIGNAL_MASK, "KVM_SET_SIGNAL_MASK", mask)
 
+    def coalesced_ring(self, offset: int) -> "CoalescedRing | None":
+        """The coalesced I/O ring at ``offset`` in this vCPU's mapping (None if it is not
+        mapped there)."""
+        from leanvm.kvm.coalesced import CoalescedRing
+
+        if not offset or offset + 4096 > len(self._run):
+            return None
+        ring = CoalescedRing(self._run[offset:offset + 4096])
+        self._rings.append(ring)  # released with the mapping (close)
+        return ring
+
     def request_stop(self) -> None:
         """Make the current or next KVM_RUN return at once (safe from another thread)."""
         self._run[abi.RUN_IMMEDIATE_EXIT] = 1
@@ -216,6 +232,8 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            for ring in self._rings:
+                ring.release()
             self._run.release()
             self.run_page.close()
             os.close(self.fd)

@@ -82,6 +82,18 @@ class Vm:
                             flags=abi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
         ioctl(self.fd, abi.KVM_IRQFD, f"KVM_IRQFD(gsi {gsi})", arg)
 
+    def coalesce(self, address: int, size: int, *, pio: bool) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: guest writes to [address, address + size) are
+        queued in the coalesced ring (kvm/coalesced.py) instead of exiting."""
+        zone = abi.kvm_coalesced_mmio_zone(addr=address, size=size, pio=int(pio))
+        ioctl(self.fd, abi.KVM_REGISTER_COALESCED_MMIO,
+              f"KVM_REGISTER_COALESCED_MMIO({address:#x}, {size})", zone)
+
+    def coalesced_ring_offset(self) -> int:
+        """Where the coalesced ring is in a vCPU's mapping (bytes), 0 without one; port
+        ranges need KVM_CAP_COALESCED_PIO besides."""
+        return self.kvm.check_extension(abi.KVM_CAP_COALESCED_MMIO) * 4096
+
     # --- vCPUs -------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = ioctl(self.fd, abi.KVM_CREATE_VCPU, f"KVM_CREATE_VCPU({vcpu_id})", vcpu_id)

@@ -27,7 +27,7 @@ from leanvm.machine.config import MachineConfig
 from leanvm.machine.cpu import Entry, EntryMode, enter
 from leanvm.machine.memory_manager import MemoryManager
 from leanvm.machine.plan import plan_machine
-from leanvm.machine.platform import Hooks, Platform, build_platform
+from leanvm.machine.platform import Hooks, Platform, build_platform, coalesce_ports
 
 if TYPE_CHECKING:
     from leanvm.kvm.cpuid import CpuidTable
@@ -59,7 +59,7 @@ def boot_path(config: MachineConfig) -> BootPath:
 _BUILT_PARTS = ("kvm", "vm", "cpu_profile", "kernel_cmdline", "cmdline_added", "plan",
                 "memory_manager", "platform", "flash_banks", "bios_area", "boot", "entry",
                 "image", "kernel", "direct_boot", "kernel_file", "entry_trap", "vcpus",
-                "fallback")
+                "fallback", "coalesced")
 
 
 class Built:
@@ -67,7 +67,8 @@ class Built:
     "emulated"), kernel_cmdline (with what the profile added), cmdline_added; plan,
     memory_manager, platform, flash_banks, bios_area; boot (the BootPath) and entry; what
     was loaded: image (bare guests), kernel (what fw_cfg serves for firmware with
-    -kernel), direct_boot and kernel_file (direct boots), entry_trap; vcpus; fallback.
+    -kernel), direct_boot and kernel_file (direct boots), entry_trap; vcpus; fallback;
+    coalesced (the ring KVM queues the serial console's writes in, if it does).
     (A slotted class rather than a NamedTuple: made on every start, and NamedTuple
     classes cost start-up time to create.)"""
 
@@ -121,12 +122,14 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
                               hooks.with_irq_line(vm.irq_line), config.smp)
     if boot_trace is not None:
         platform.fw_cfg_transfers.add(boot_trace.fw_cfg)
+    coalescing = config.coalesced_io and coalesce_ports(vm)
     from leanvm.machine.firmware_boot import build_flash                           # 5
     banks, area = build_flash(planned, memory, platform, keep)
     with explain_cmdline(added):                                                   # 6
         entry, parts = BOOT_PATHS[path](config, planned.memory_map, memory, platform, inputs,
                                         cmdline, tracer)
     vcpus = create_vcpus(vm, cpuid, config.smp, entry)                             # 7
+    ring = vcpus[0].coalesced_ring(vm.coalesced_ring_offset()) if coalescing else None
     fallback = make_fallback(config, memory, platform, cpuid, host_finding)
     if fallback is not None:
         keep(fallback)
@@ -135,7 +138,7 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
     return Built(kvm, vm, profile, cmdline, added, planned.memory_map, memory, platform,
                  tuple(banks), area, path, entry, inputs.image, parts.kernel,
                  parts.direct_boot, inputs.kernel if path is BootPath.DIRECT else None,
-                 parts.entry_trap, tuple(vcpus), fallback)
+                 parts.entry_trap, tuple(vcpus), fallback, ring)
 
 
 # --- 0. inputs -----------------------------------------------------------------------------

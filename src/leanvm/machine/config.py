@@ -118,7 +118,7 @@ class MachineConfig:
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
-                 "initrd_unpack", "sample_hz", "symbols", "name")
+                 "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -133,7 +133,8 @@ class MachineConfig:
                  kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
-                 symbols: Path | str | None = None, name: str = "") -> None:
+                 symbols: Path | str | None = None, name: str = "",
+                 coalesced_io: bool = True) -> None:
         self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes; None:
         # no memory beyond RAM; hotplug slots
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
@@ -173,6 +174,9 @@ class MachineConfig:
         # where the guest kernel's symbols are (System.map or ELF); None: looked for
         self.symbols: Path | None = _path(symbols)
         self.name: str = _name(name)  # -name: shown in the summary and the stats
+        # let KVM queue the serial console's transmit writes (machine/platform.py
+        # COALESCED_PORTS) where it can, instead of an exit per byte
+        self.coalesced_io: bool = bool(coalesced_io)
         _check_combination(self)
 
     @property

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import re
 
     from leanvm.kvm.vcpu import Vcpu
+    from leanvm.machine.flusher import RingFlusher
     from leanvm.machine.host_check import HostFinding
     from leanvm.machine.sampler import RipSampler
 
@@ -114,6 +115,7 @@ class Machine(VmParts):
         sampler = self._start_sampler() if self.config.sample_hz else None
         if self.entry_trap is not None or self.fallback is not None:
             self._control.on_emulation_failure = self._on_emulation_failure
+        flusher = self._start_flusher()
         first_entry = time.monotonic_ns()
         try:
             stop = self._run_vcpus()
@@ -127,6 +129,8 @@ class Machine(VmParts):
                 timer.join()  # its thread holds the machine until it ends
             if sampler is not None:
                 sampler.stop()
+            if flusher is not None:
+                flusher.stop()
             self.consoles.close()
             self.state = RunState.STOPPED
         if self.tracer.enabled or sampler is not None:
@@ -170,6 +174,19 @@ class Machine(VmParts):
         timer.daemon = True
         timer.start()
         return timer
+
+    def _start_flusher(self) -> "RingFlusher | None":
+        """Where KVM queues the console's writes (boot.py), the loop empties the queue at
+        each exit and a flusher kicks a vCPU that makes none (machine/flusher.py)."""
+        ring = self.built.coalesced if self.built is not None else None
+        self._control.ring = ring
+        if ring is None:
+            return None
+        from leanvm.machine.flusher import RingFlusher
+
+        flusher = RingFlusher(ring, self._control.kick)
+        flusher.start()
+        return flusher
 
     def _start_sampler(self) -> "RipSampler":
         from leanvm.machine.sampler import RipSampler

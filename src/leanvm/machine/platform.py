@@ -63,6 +63,12 @@ PORTS: tuple[PortRange, ...] = (
               "0xCFC (PCI Local Bus 3.0, 3.2.2.3.2)"),
 )
 PORT = {row.name: row for row in PORTS}
+# Port writes KVM may queue (coalesced I/O) instead of exiting, as (device, offset, size):
+# writes that return nothing and that no guest waits on before its next exit. The 16550's
+# transmit holding register (with DLAB set: the divisor latch's low byte) is half the
+# exits of a serial console; a guest that polls the line status register after each byte
+# exits there, and the queue is emptied first, in order.
+COALESCED_PORTS: tuple[tuple[str, int, int], ...] = (("com1", 0, 1),)
 IRQ = {row.name: row.irq for row in PORTS if row.irq is not None}
 
 
@@ -186,6 +192,17 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, hooks: Hooks, cpus: int
 
 
 E820_RAM, E820_RESERVED = 1, 2
+
+
+def coalesce_ports(vm: Any) -> bool:
+    """Register COALESCED_PORTS with KVM where it can queue port writes; whether it can."""
+    from leanvm.abi.kvm import KVM_CAP_COALESCED_PIO
+
+    if not vm.coalesced_ring_offset() or not vm.kvm.check_extension(KVM_CAP_COALESCED_PIO):
+        return False
+    for name, offset, size in COALESCED_PORTS:
+        vm.coalesce(PORT[name].base + offset, size, pio=True)
+    return True
 
 
 def memory_ranges(plan: MemoryMap) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -69,6 +69,7 @@ class RunResult(NamedTuple):
     ends_mid_line: bool = False  # the guest's last console line on the terminal is unfinished
     exit_kinds: "dict[str, int] | None" = None  # pio-out, pio-in, mmio-write, mmio-read, ...
     busiest: tuple[tuple[str, int], ...] = ()  # ("port 0x3f8 (com1)", exits), most first
+    coalesced: int = 0  # writes KVM queued instead of exiting (the serial console's)
 
     @property
     def to_kernel_entry_ms(self) -> float | None:
@@ -158,7 +159,8 @@ def result_of(machine: "Machine", control: "LoopControl", stop: "Stop", first_en
         DeviceAccesses(pio.accesses, pio.unclaimed_reads + pio.unclaimed_writes,
                        mmio.accesses, mmio.unclaimed_reads + mmio.unclaimed_writes),
         fallback.summary() if fallback is not None and fallback.total else "", samples,
-        machine.consoles.ends_mid_line(), control.counts.kinds(), _busiest(control, pio, mmio))
+        machine.consoles.ends_mid_line(), control.counts.kinds(), _busiest(control, pio, mmio),
+        ring.consumed if (ring := control.ring) is not None else 0)
 
 
 def _busiest(control: "LoopControl", pio: Any, mmio: Any, top: int = 5

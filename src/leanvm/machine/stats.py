@@ -56,6 +56,7 @@ def collect(machine: "Machine", memory: bool = True) -> dict[str, Any]:
         "leanvm_version": __version__,
         "name": machine.config.name,
         "exit_kinds": machine._control.counts.kinds(),
+        "coalesced_writes": ring.consumed if (ring := machine.built.coalesced) else None,
         "exits_by": exits_by_place(machine._control.counts, pio, mmio),
         "device_accesses": {
             "pio": pio.accesses, "pio_unclaimed": pio.unclaimed_reads + pio.unclaimed_writes,

@@ -12,13 +12,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 from enum import Enum
+from typing import TYPE_CHECKING, NamedTuple
 
 from leanvm.abi import kvm as abi
 from leanvm.devices.bus import Bus
 from leanvm.kvm import exits as ex
 from leanvm.kvm.vcpu import EXIT_HEADER, Vcpu
+
+if TYPE_CHECKING:
+    from leanvm.kvm.coalesced import CoalescedRing
 
 
 class StopReason(Enum):
@@ -97,13 +100,15 @@ class LoopControl:
     signal, which interrupts KVM_RUN even for a guest that never exits on its own."""
 
     __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns",
-                 "_lock", "_running", "counts")
+                 "_lock", "_running", "counts", "ring")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
         self.requested_ns = 0  # CLOCK_MONOTONIC when the stop was requested
         self.exits = 0
         self.counts = ExitCounts()  # exits by kind, port and address
+        # KVM's coalesced I/O ring (kvm/coalesced.py), emptied before every exit is handled
+        self.ring: "CoalescedRing | None" = None
         # Called with the vCPU and the exit; True means it was handled and the vCPU goes on.
         self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
         # Called with the vCPU when a kick interrupted KVM_RUN without a stop (the sampler).
@@ -159,6 +164,12 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
     out_ports, out_get = counts.out_ports, counts.out_ports.get
     in_ports, in_get = counts.in_ports, counts.in_ports.get
     limit = MAX_COUNTED
+    ring = control.ring
+    pending = ring.pending if ring is not None else None
+
+    def deliver(port_io: bool, address: int, size: int, value: int) -> None:
+        (pio_write if port_io else mmio.write)(address, size, value)
+
     exits = 0
     control.enter(vcpu)
     try:
@@ -168,7 +179,11 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
                 ioctl(fd, kvm_run, 0)
             except OSError as exc:
                 exit_ = vcpu.run_failed(exc)
+                if pending is not None and pending():  # a kick to empty the queue (halted)
+                    ring.drain(deliver)  # type: ignore[union-attr]
             else:
+                if pending is not None and pending():  # queued writes first, in order
+                    ring.drain(deliver)  # type: ignore[union-attr]
                 # The commonest exits, one OUT or one IN, go to their device straight from
                 # the run page, without building an Exit.
                 reason, direction, size, port, count, offset = header(page, header_at)
@@ -189,6 +204,8 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
                 exit_ = vcpu.decode()
             _decoded_exit(vcpu, exit_, pio, mmio, control)
     finally:
+        if ring is not None:  # nothing the guest wrote is lost at the stop
+            ring.drain(deliver)
         control.leave(vcpu)
         control.exits += exits
     return control.stop

@@ -141,6 +141,7 @@ def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupContro
     for member in members:
         member.on_emulation_failure = locked
         member.on_interrupt = control.on_interrupt
+        member.ring = control.ring  # one queue for the VM: each vCPU empties it in turn
     control.attach(members)
     errors: list[BaseException] = []
 
