@@ -64,3 +64,34 @@ def test_the_flusher_kicks_only_when_nobody_empties_the_queue() -> None:
         assert not quiet.wait(0.1)  # an empty queue never needs a kick
     finally:
         idle.stop()
+
+
+def test_the_uart_says_when_its_transmit_interrupt_goes_on_and_off() -> None:
+    from leanvm.devices.serial import IER, IER_RDI, IER_THRI, Serial16550
+
+    told: list[bool] = []
+    uart = Serial16550(lambda data: None, on_tx_interrupts=told.append)
+    uart.write(IER, 1, IER_RDI)  # another interrupt: nothing to say
+    uart.write(IER, 1, IER_RDI | IER_THRI)
+    uart.write(IER, 1, IER_THRI)  # still on
+    uart.write(IER, 1, 0)
+    assert told == [True, False]
+
+
+def test_the_console_queue_is_taken_back_while_the_guest_waits_for_interrupts() -> None:
+    from leanvm.machine.platform import PORT, ConsoleQueue
+
+    calls: list[tuple[int, int, bool, bool]] = []
+
+    class FakeVm:
+        def coalesce(self, address: int, size: int, *, pio: bool, remove: bool = False) -> None:
+            calls.append((address, size, pio, remove))
+
+    queue = ConsoleQueue(FakeVm())
+    queue.set(True)
+    queue.set(True)  # no second registration
+    queue.set(False)
+    queue.set(True)
+    com1 = PORT["com1"].base
+    assert calls == [(com1, 1, True, False), (com1, 1, True, True), (com1, 1, True, False)]
+    assert queue.queued and queue.switches == 3

@@ -62,9 +62,13 @@ class Serial16550:
     """One UART. ``output(bytes)`` receives transmitted bytes; ``irq(level)`` drives its line."""
 
     def __init__(self, output: Callable[[bytes], None],
-                 irq: Callable[[bool], None] = lambda level: None) -> None:
+                 irq: Callable[[bool], None] = lambda level: None,
+                 on_tx_interrupts: Callable[[bool], None] | None = None) -> None:
         self._output = output
         self._irq = irq
+        # told when the guest turns the transmit interrupt (IER THRI) on or off: a guest
+        # that waits for it cannot have its writes queued (machine/platform.py)
+        self._on_tx_interrupts = on_tx_interrupts
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
         self.ier = 0
@@ -153,10 +157,13 @@ class Serial16550:
                 self.dlm = value
                 return
             newly_thri = value & IER_THRI and not self.ier & IER_THRI
+            changed = (value ^ self.ier) & IER_THRI
             self.ier = value & 0x0F
             if newly_thri:
                 self._thr_pending = True
             self._update_irq()
+            if changed and self._on_tx_interrupts is not None:
+                self._on_tx_interrupts(bool(value & IER_THRI))
         elif reg == IIR_FCR:
             self.fcr = value
             if value & FCR_CLEAR_RX:

@@ -82,12 +82,14 @@ class Vm:
                             flags=abi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
         ioctl(self.fd, abi.KVM_IRQFD, f"KVM_IRQFD(gsi {gsi})", arg)
 
-    def coalesce(self, address: int, size: int, *, pio: bool) -> None:
+    def coalesce(self, address: int, size: int, *, pio: bool, remove: bool = False) -> None:
         """KVM_REGISTER_COALESCED_MMIO: guest writes to [address, address + size) are
-        queued in the coalesced ring (kvm/coalesced.py) instead of exiting."""
+        queued in the coalesced ring (kvm/coalesced.py) instead of exiting; ``remove``
+        (KVM_UNREGISTER_COALESCED_MMIO) makes them exit again."""
         zone = abi.kvm_coalesced_mmio_zone(addr=address, size=size, pio=int(pio))
-        ioctl(self.fd, abi.KVM_REGISTER_COALESCED_MMIO,
-              f"KVM_REGISTER_COALESCED_MMIO({address:#x}, {size})", zone)
+        name = "KVM_UNREGISTER_COALESCED_MMIO" if remove else "KVM_REGISTER_COALESCED_MMIO"
+        request = abi.KVM_UNREGISTER_COALESCED_MMIO if remove else abi.KVM_REGISTER_COALESCED_MMIO
+        ioctl(self.fd, request, f"{name}({address:#x}, {size})", zone)
 
     def coalesced_ring_offset(self) -> int:
         """Where the coalesced ring is in a vCPU's mapping (bytes), 0 without one; port

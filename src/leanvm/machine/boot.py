@@ -122,7 +122,7 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
                               hooks.with_irq_line(vm.irq_line), config.smp)
     if boot_trace is not None:
         platform.fw_cfg_transfers.add(boot_trace.fw_cfg)
-    coalescing = config.coalesced_io and coalesce_ports(vm)
+    coalescing = config.coalesced_io and coalesce_ports(vm, platform) is not None
     from leanvm.machine.firmware_boot import build_flash                           # 5
     banks, area = build_flash(planned, memory, platform, keep)
     with explain_cmdline(added):                                                   # 6

@@ -1,9 +1,10 @@
 """Keeps KVM's coalesced I/O queue moving while a guest makes no exits.
 
 The vCPU loop empties the queue at every exit, which a guest printing on a polled console
-makes after each byte anyway. A guest that fills the UART and then halts, waiting for the
-transmit interrupt (an interrupt-driven tty), makes none: its bytes would sit in the queue,
-and its interrupt would never come. So a host thread looks every ``interval`` seconds and,
+makes after each byte anyway, and a guest that uses the transmit interrupt gets no queue
+(platform.ConsoleQueue). A guest that writes without polling and then halts with
+interrupts off makes no exit at all: its bytes would sit in the queue until the VM stops.
+So a host thread looks every ``interval`` seconds and,
 when it finds writes still queued that were queued at its last look, kicks the vCPUs, whose
 loop empties the queue (machine/vcpu_loop.py). A busy console never waits for it.
 """
@@ -17,7 +18,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from leanvm.kvm.coalesced import CoalescedRing
 
-INTERVAL = 0.002  # s: at most twice this before queued writes reach the device
+# s: at most twice this before queued writes reach the device. A safety net only: a guest
+# that waits for the transmit interrupt has its writes exit anyway (platform.ConsoleQueue),
+# and a polled console exits at its next status read; long, since in a guest of a nested
+# KVM a thread that wakes often costs the vCPU its time.
+INTERVAL = 0.05
 
 
 class RingFlusher:

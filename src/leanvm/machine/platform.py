@@ -156,6 +156,7 @@ class Platform(NamedTuple):
     acpi_pm: acpi_pm.AcpiPm
     fw_cfg_transfers: Listeners  # consumers of fw_cfg transfers (timeline, kernel-entry trap)
     pam_writes: Listeners  # consumers of the i440FX's PAM register writes (the BIOS area)
+    uart_tx_interrupts: Listeners  # COM1's transmit interrupt turned on (True) or off
 
 
 def build_platform(plan: MemoryMap, memory: GuestMemory, hooks: Hooks, cpus: int = 1
@@ -167,7 +168,7 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, hooks: Hooks, cpus: int
 
     pio = Bus("pio", 0x10000)
     mmio = Bus("mmio", 1 << 52)
-    transfers, pam_writes = Listeners(), Listeners()
+    transfers, pam_writes, tx_interrupts = Listeners(), Listeners(), Listeners()
     low = sum(r.size for r in plan.ram() if r.base < 1 << 32)
     high = sum(r.size for r in plan.ram() if r.base >= 1 << 32)
     probe = ProbePort(hooks.on_probe)
@@ -176,7 +177,7 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, hooks: Hooks, cpus: int
         "cmos": Cmos(low, high),
         "port92": Port92(hooks.on_reset),
         "debug-exit": DebugExit(hooks.on_exit),
-        "com1": Serial16550(hooks.serial_output, line("com1")),
+        "com1": Serial16550(hooks.serial_output, line("com1"), tx_interrupts),
         "debugcon": DebugCon(hooks.debug_output),
         "probe": probe,
         "fw_cfg": firmware_config(plan, memory, cpus, transfers),
@@ -188,21 +189,45 @@ def build_platform(plan: MemoryMap, memory: GuestMemory, hooks: Hooks, cpus: int
     mmio.register(mmio_address("probe", plan), PROBE_MMIO_SIZE, probe, "probe")
     return Platform(pio, mmio, devices["com1"], devices["i8042"], devices["debug-exit"],
                     devices["cmos"], devices["port92"], devices["debugcon"], devices["fw_cfg"],
-                    devices["pci"], probe, devices["acpi-pm"], transfers, pam_writes)
+                    devices["pci"], probe, devices["acpi-pm"], transfers, pam_writes,
+                    tx_interrupts)
 
 
 E820_RAM, E820_RESERVED = 1, 2
 
 
-def coalesce_ports(vm: Any) -> bool:
-    """Register COALESCED_PORTS with KVM where it can queue port writes; whether it can."""
+class ConsoleQueue:
+    """Whether KVM queues the console's transmit writes (COALESCED_PORTS), following the
+    guest: a polled console (transmit interrupt off, as Linux's printk writes) is queued; a
+    guest that turns the transmit interrupt on waits for it after each burst, so its writes
+    must exit at once, and the zones are taken back until it turns it off again. The switch
+    comes on the IER write's own exit, after the queue before it was emptied."""
+
+    def __init__(self, vm: Any) -> None:
+        self._vm = vm
+        self.queued = False
+        self.switches = 0
+
+    def set(self, queued: bool) -> None:
+        if queued == self.queued:
+            return
+        for name, offset, size in COALESCED_PORTS:
+            self._vm.coalesce(PORT[name].base + offset, size, pio=True, remove=not queued)
+        self.queued = queued
+        self.switches += 1
+
+
+def coalesce_ports(vm: Any, platform: "Platform") -> "ConsoleQueue | None":
+    """Queue COALESCED_PORTS' writes in KVM where it can (None where it cannot), switched
+    off while the guest uses the UART's transmit interrupt."""
     from leanvm.abi.kvm import KVM_CAP_COALESCED_PIO
 
     if not vm.coalesced_ring_offset() or not vm.kvm.check_extension(KVM_CAP_COALESCED_PIO):
-        return False
-    for name, offset, size in COALESCED_PORTS:
-        vm.coalesce(PORT[name].base + offset, size, pio=True)
-    return True
+        return None
+    queue = ConsoleQueue(vm)
+    queue.set(True)
+    platform.uart_tx_interrupts.add(lambda on: queue.set(not on))
+    return queue
 
 
 def memory_ranges(plan: MemoryMap) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
