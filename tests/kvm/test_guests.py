@@ -179,3 +179,23 @@ def test_queued_writes_reach_the_console_when_the_guest_stops_exiting(guest) -> 
         vm.stop("seen")
         result = vm.wait(10)
     assert result.reason is StopReason.INTERRUPTED
+
+
+def test_the_tsc_frequency_is_reported_and_set_only_where_kvm_can(guest) -> None:
+    from leanvm.abi.kvm import KVM_CAP_TSC_CONTROL
+    from leanvm.errors import ConfigError
+    from leanvm.kvm.system import Kvm
+
+    with Machine(memory="16M", guest=guest("hello")) as vm:
+        host_khz = vm.run(timeout=30).stats()["tsc_khz"]
+    assert host_khz and host_khz > 100_000  # a TSC of some hundred MHz at least
+    with Kvm() as kvm:
+        can_set = bool(kvm.check_extension(KVM_CAP_TSC_CONTROL))
+    wanted = host_khz // 2
+    if not can_set:
+        with pytest.raises(ConfigError, match="cannot set the guest's TSC frequency"):
+            with Machine(memory="16M", guest=guest("hello"), tsc_khz=wanted):
+                pass  # refused while building; the with-block gives everything back
+        return
+    with Machine(memory="16M", guest=guest("hello"), tsc_khz=wanted) as vm:
+        assert vm.run(timeout=30).stats()["tsc_khz"] == wanted

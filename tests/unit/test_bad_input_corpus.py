@@ -252,6 +252,7 @@ RUN_VALUES = [
     (["-serial", "tty"], "tty"), (["-serial", "file:"], "file:"), (["-debugcon", "vc"], "vc"),
     (["--cpu-hide", "warp"], "warp"), (["-name", "a\nb"], "name"),
     (["-name", "x" * 200], "name"), (["-accel", "tcg"], "tcg"),
+    (["--tsc-khz", "5"], "5"), (["--tsc-khz", "fast"], "fast"),
     (["--flash", "rom=x.fd"], "rom=x.fd"), (["--flash", "code"], "code"),
     (["--flash", "code=x.fd,mode=sometimes"], "sometimes"),
     (["--flash", "code=x.fd,geometry=arm"], "arm"), (["--flash", "code=x.fd,size=big"], "big"),

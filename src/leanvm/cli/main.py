@@ -96,27 +96,30 @@ def _plain_usage_message(message: str) -> str:
     return f"{option}: {rest}"
 
 
-def build_parser() -> _Parser:
-    from leanvm.cli import flash, initrd, kernel, memmap, run, trace, version
+COMMANDS = ("run", "memmap", "flash", "trace", "kernel", "initrd", "version")
+
+
+def build_parser(only: str | None = None) -> _Parser:
+    """The parser; with ``only`` (a command on the command line), just that command's:
+    importing and declaring the others is start-up time a `leanvm run` does not need (a
+    second in a guest of a nested KVM, where Python runs under TCG)."""
+    import importlib
 
     parser = _Parser(prog="leanvm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"leanvm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    run.add_parser(sub)
-    memmap.add_parser(sub)
-    flash.add_parser(sub)
-    trace.add_parser(sub)
-    kernel.add_parser(sub)
-    initrd.add_parser(sub)
-    version.add_parser(sub)
+    for name in COMMANDS:
+        if only is None or name == only:
+            importlib.import_module(f"leanvm.cli.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()
         words = list(sys.argv[1:] if argv is None else argv)
-        parser.command_seen = next((w for w in words if not w.startswith("-")), None)
+        command = next((w for w in words if not w.startswith("-")), None)
+        parser = build_parser(command if command in COMMANDS else None)
+        parser.command_seen = command
         args = parser.parse_args(words)
         if args.command is None:
             parser.print_help()

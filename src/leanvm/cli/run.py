@@ -103,6 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--no-zero-copy", dest="zero_copy", action="store_false",
                         help="copy the kernel and initrd into guest RAM instead of mapping "
                              "their pages copy-on-write from the files (direct boot)")
+    parser.add_argument("--tsc-khz", type=int, metavar="KHZ",
+                        help="the guest's TSC frequency in kHz (KVM_SET_TSC_KHZ; default: "
+                             "the host's, which the stats report as tsc_khz)")
     parser.add_argument("--no-coalesced-io", dest="coalesced_io", action="store_false",
                         help="exit on every serial console write instead of letting KVM "
                              "queue them until the next exit (docs/linux.md)")
@@ -237,7 +240,7 @@ def machine_config(args: argparse.Namespace) -> "MachineConfig":
                          trace=bool(args.timeline or args.trace), kernel_boot=args.kernel_boot,
                          smp=args.smp, cpu_profile=args.cpu_profile, zero_copy=args.zero_copy,
                          initrd_unpack=args.initrd_unpack, sample_hz=args.sample_rip,
-                         coalesced_io=args.coalesced_io,
+                         coalesced_io=args.coalesced_io, tsc_khz=args.tsc_khz,
                          symbols=args.symbols, emulation_fallback=args.emulation_fallback,
                          probe_names=_probe_table(args.probes) if args.probes else (),
                          machine=machine_name, name=args.name, pa_bits=args.pa_bits,

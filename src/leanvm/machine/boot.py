@@ -31,6 +31,7 @@ from leanvm.machine.platform import Hooks, Platform, build_platform, coalesce_po
 
 if TYPE_CHECKING:
     from leanvm.kvm.cpuid import CpuidTable
+    from leanvm.kvm.system import Kvm
     from leanvm.kvm.vcpu import Vcpu
     from leanvm.kvm.vm import Vm
     from leanvm.layout.region import MemoryMap
@@ -129,6 +130,8 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
         entry, parts = BOOT_PATHS[path](config, planned.memory_map, memory, platform, inputs,
                                         cmdline, tracer)
     vcpus = create_vcpus(vm, cpuid, config.smp, entry)                             # 7
+    if config.tsc_khz:
+        set_tsc_khz(kvm, vcpus, config.tsc_khz)
     ring = vcpus[0].coalesced_ring(vm.coalesced_ring_offset()) if coalescing else None
     fallback = make_fallback(config, memory, platform, cpuid, host_finding)
     if fallback is not None:
@@ -270,6 +273,20 @@ def create_vcpus(vm: "Vm", cpuid: "CpuidTable", count: int, entry: Entry) -> "li
 
         vcpus += create_aps(vm, cpuid, count)
     return vcpus
+
+
+def set_tsc_khz(kvm: "Kvm", vcpus: "list[Vcpu]", khz: int) -> None:
+    """The guest's TSC frequency (KVM_SET_TSC_KHZ, every vCPU alike): KVM scales the TSC,
+    and kvm-clock tells the guest the frequency. Refused where KVM cannot scale it."""
+    from leanvm.abi.kvm import KVM_CAP_TSC_CONTROL
+    from leanvm.errors import ConfigError
+
+    if not kvm.check_extension(KVM_CAP_TSC_CONTROL):
+        raise ConfigError(f"--tsc-khz {khz}: this host's KVM cannot set the guest's TSC "
+                          "frequency (no KVM_CAP_TSC_CONTROL); leave it out to run at the "
+                          f"host's {vcpus[0].get_tsc_khz()} kHz")
+    for vcpu in vcpus:
+        vcpu.set_tsc_khz(khz)
 
 
 def make_fallback(config: MachineConfig, memory: MemoryManager, platform: Platform,

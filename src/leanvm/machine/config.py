@@ -118,7 +118,7 @@ class MachineConfig:
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
-                 "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io")
+                 "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io", "tsc_khz")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -134,7 +134,7 @@ class MachineConfig:
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
                  symbols: Path | str | None = None, name: str = "",
-                 coalesced_io: bool = True) -> None:
+                 coalesced_io: bool = True, tsc_khz: int | None = None) -> None:
         self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes; None:
         # no memory beyond RAM; hotplug slots
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
@@ -177,6 +177,7 @@ class MachineConfig:
         # let KVM queue the serial console's transmit writes (machine/platform.py
         # COALESCED_PORTS) where it can, instead of an exit per byte
         self.coalesced_io: bool = bool(coalesced_io)
+        self.tsc_khz: int | None = _tsc_khz(tsc_khz)  # None: the host's TSC frequency
         _check_combination(self)
 
     @property
@@ -273,6 +274,14 @@ def _sample_hz(hz: float) -> float:
     if not isinstance(hz, (int, float)) or not 0 <= hz <= 1000:
         raise ConfigError(f"bad sampling rate {hz!r}: expected 0 (off) to 1000 Hz")
     return float(hz)
+
+
+def _tsc_khz(khz: int | None) -> int | None:
+    if khz is not None and (isinstance(khz, bool) or not isinstance(khz, int)
+                            or not 1000 <= khz <= 100_000_000):
+        raise ConfigError(f"bad TSC frequency {khz!r}: expected kHz from 1000 (1 MHz) to "
+                          "100000000 (100 GHz)")
+    return khz
 
 
 def _name(name: str) -> str:

@@ -5,12 +5,15 @@ vCPU 0 there."""
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from leanvm.abi import kvm as abi
-from leanvm.kvm.cpuid import CpuidTable
-from leanvm.kvm.vcpu import Vcpu
-from leanvm.loader.bare import BootState
-from leanvm.loader.pvh import ProtectedModeState
+
+if TYPE_CHECKING:  # the loaders load only for the boot path that needs them
+    from leanvm.kvm.cpuid import CpuidTable
+    from leanvm.kvm.vcpu import Vcpu
+    from leanvm.loader.bare import BootState
+    from leanvm.loader.pvh import ProtectedModeState
 
 class EntryMode(Enum):
     LONG = "long"  # bare guests and Linux's 64-bit boot protocol (loader.bare.BootState)
@@ -27,14 +30,12 @@ class Entry:
         self.mode, self.state = mode, state
 
 
-def enter(vcpu: Vcpu, entry: Entry, cpuid: CpuidTable) -> None:
+def enter(vcpu: "Vcpu", entry: Entry, cpuid: "CpuidTable") -> None:
     """Give ``vcpu`` its CPUID and the state ``entry`` names."""
     if entry.mode is EntryMode.LONG:
-        assert isinstance(entry.state, BootState)
-        setup_long_mode(vcpu, entry.state, cpuid)
+        setup_long_mode(vcpu, entry.state, cpuid)  # type: ignore[arg-type]
     elif entry.mode is EntryMode.PROTECTED:
-        assert isinstance(entry.state, ProtectedModeState)
-        setup_protected_mode(vcpu, entry.state, cpuid)
+        setup_protected_mode(vcpu, entry.state, cpuid)  # type: ignore[arg-type]
     else:  # KVM creates vCPUs in the reset state already
         vcpu.set_cpuid(cpuid)
 
@@ -43,7 +44,7 @@ FCW_DEFAULT = 0x37F  # x87 control word after FNINIT
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
 
 
-def setup_long_mode(vcpu: Vcpu, state: BootState, cpuid: CpuidTable) -> None:
+def setup_long_mode(vcpu: "Vcpu", state: "BootState", cpuid: "CpuidTable") -> None:
     vcpu.set_cpuid(cpuid)
     sregs = vcpu.get_sregs()
     code = abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=state.code_selector, type=0xB,
@@ -71,7 +72,8 @@ def setup_long_mode(vcpu: Vcpu, state: BootState, cpuid: CpuidTable) -> None:
     vcpu.set_fpu(fpu)
 
 
-def setup_protected_mode(vcpu: Vcpu, state: "ProtectedModeState", cpuid: CpuidTable) -> None:
+def setup_protected_mode(vcpu: "Vcpu", state: "ProtectedModeState", cpuid: "CpuidTable"
+                         ) -> None:
     """32-bit flat protected mode, paging off, interrupts off, EBX set: the PVH entry state
     (TR a busy 32-bit TSS at base 0, limit 0x67, as the ABI asks)."""
     vcpu.set_cpuid(cpuid)

@@ -74,6 +74,7 @@ def collect(machine: "Machine", memory: bool = True) -> dict[str, Any]:
         "kernel_boot": machine.kernel_boot_note or None,
         "cpu_profile": machine.cpu_profile,
         "vcpus": len(machine.vcpus),
+        "tsc_khz": tsc_khz(machine),
         "emulation_fallback": fallback.to_json() if fallback is not None else None,
         "rip_samples": None if sampler is None else {
             "hz": sampler.hz, "count": len(sampler.samples), "symbols": sampler.symbol_note,
@@ -81,6 +82,16 @@ def collect(machine: "Machine", memory: bool = True) -> dict[str, Any]:
             "top": [{"where": where, "samples": count} for where, count in sampler.top(50)]},
     }
     return data
+
+
+def tsc_khz(machine: "Machine") -> int | None:
+    """The guest's TSC frequency (KVM_GET_TSC_KHZ), None where KVM cannot say."""
+    from leanvm.errors import LeanvmError
+
+    try:
+        return machine.vcpus[0].get_tsc_khz()
+    except LeanvmError:
+        return None
 
 
 def host_memory(machine: "Machine", rows: list[Any]) -> dict[str, int]:
