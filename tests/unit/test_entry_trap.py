@@ -3,6 +3,7 @@ and only a fault inside the trapped page counts as the entry."""
 
 from __future__ import annotations
 
+from fake_vm import FakeVm
 from leanvm.machine.memory_manager import Memslots
 from leanvm.machine.entry_trap import EntryTrap, RamWindow
 from leanvm.devices.bus import Bus
@@ -10,25 +11,6 @@ from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
 from leanvm.memory.host import map_anonymous
 
 MiB = 1 << 20
-
-
-class FakeVm:
-    def __init__(self) -> None:
-        self.slots: dict[int, tuple[int, int, int, bool]] = {}
-
-    def set_memory_region(self, slot: int, gpa: int, size: int, host: int,
-                          readonly: bool = False) -> None:
-        if size:
-            self.slots[slot] = (gpa, size, host, readonly)
-        else:
-            self.slots.pop(slot, None)
-
-    def mapped(self, gpa: int) -> int | None:
-        """The host address KVM would use for ``gpa``, or None."""
-        for base, size, host, _ in self.slots.values():
-            if base <= gpa < base + size:
-                return host + gpa - base
-        return None
 
 
 def setup():

@@ -486,16 +486,7 @@ def test_a_page_fault_on_the_last_page(memory) -> None:
 DEVICE_PHYS = 0xE000_0000  # what MMIO_PAGE maps
 
 
-class FakeVm:
-    def __init__(self) -> None:
-        self.slots: dict[int, tuple[int, int, int, bool]] = {}
-
-    def set_memory_region(self, slot: int, gpa: int, size: int, host: int,
-                          readonly: bool = False) -> None:
-        if size:
-            self.slots[slot] = (gpa, size, host, readonly)
-        else:
-            self.slots.pop(slot, None)
+from fake_vm import FakeVm  # noqa: E402
 
 
 class Spy:

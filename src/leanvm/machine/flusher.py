@@ -11,7 +11,6 @@ loop empties the queue (machine/vcpu_loop.py). A busy console never waits for it
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,31 +27,27 @@ INTERVAL = 0.05
 class RingFlusher:
     def __init__(self, ring: "CoalescedRing", kick: Callable[[], None],
                  interval: float = INTERVAL) -> None:
+        from leanvm.machine.ticker import Ticker
+
         self._ring = ring
         self._kick = kick
-        self._interval = interval
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._seen = -1
+        self._ticker = Ticker(interval, self._look, "leanvm-flusher")
         self.kicks = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._watch, name="leanvm-flusher", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._ticker.stop()
 
-    def _watch(self) -> None:
-        ring, seen = self._ring, -1
-        while not self._done.wait(self._interval):
-            if not ring.pending():
-                seen = -1
-                continue
-            consumed = ring.consumed
-            if consumed == seen:  # nothing consumed since the last look: nobody is exiting
-                self.kicks += 1
-                self._kick()
-            seen = consumed
+    def _look(self) -> None:
+        ring = self._ring
+        if not ring.pending():
+            self._seen = -1
+            return
+        consumed = ring.consumed
+        if consumed == self._seen:  # nothing consumed since the last look: nobody is exiting
+            self.kicks += 1
+            self._kick()
+        self._seen = consumed

@@ -43,26 +43,20 @@ class RipSampler:
         self.symbol_note = ""
         self._kick = kick
         self._pending: set[int] = set()  # vCPUs whose next interrupted run records a sample
-        self._done = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        from leanvm.machine.ticker import Ticker
+
+        self._ticker = Ticker(1.0 / hz, self._tick, "leanvm-sampler")
 
     def start(self) -> None:
-        self._done.clear()
-        self._thread = threading.Thread(target=self._tick, name="leanvm-sampler", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._ticker.stop()
 
     def _tick(self) -> None:
-        interval = 1.0 / self.hz
-        while not self._done.wait(interval):
-            self._pending = set(range(self.vcpus))
-            self._kick()
+        self._pending = set(range(self.vcpus))
+        self._kick()
 
     def resolve(self, symbols: "Path | None", kernel: "Path | None") -> None:
         """Find the symbols to name samples with (kernel_symbols); once, after the run."""
