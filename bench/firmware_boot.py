@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import have, median, save
+from _common import have, median, save, spread
 from build import build_test_kernel
 
 LEANVM = str(Path(sys.executable).with_name("leanvm"))
@@ -134,12 +134,22 @@ def main() -> int:
                        "leanvm": {k: median([r[k] for r in ours]) for k in sorted(keys)},
                        "qemu": {k: median([r[k] for r in theirs]) for k in theirs[0]},
                        "runs": args.runs}
-                row["ratio_first_byte"] = row["leanvm"]["first_byte_ms"] / row["qemu"]["first_byte_ms"]
+                ratios = [a["first_byte_ms"] / b["first_byte_ms"] for a, b in zip(ours, theirs)]
+                row["ratio_first_byte"] = median(ratios)
+                row["spread"] = {"leanvm_first_byte_ms": spread([r["first_byte_ms"] for r in ours]),
+                                 "qemu_first_byte_ms": spread([r["first_byte_ms"] for r in theirs]),
+                                 "ratio_first_byte": spread(ratios)}
                 rows.append(row)
+
+                def span(key: str) -> str:
+                    got = row["spread"][key]
+                    return f"({got['min']:.1f}-{got['max']:.1f})"
                 print(f"{label:40} {firmware:8} leanvm entry {row['leanvm']['kernel_entry_ms']:8.1f} ms, "
-                      f"first byte {row['leanvm']['first_byte_ms']:8.1f} ms | QEMU -M "
-                      f"{row['qemu_machine']:7} first byte {row['qemu']['first_byte_ms']:8.1f} ms | "
-                      f"ratio {row['ratio_first_byte']:.2f}", flush=True)
+                      f"first byte {row['leanvm']['first_byte_ms']:8.1f} {span('leanvm_first_byte_ms')} "
+                      f"ms | QEMU -M {row['qemu_machine']:7} first byte "
+                      f"{row['qemu']['first_byte_ms']:8.1f} {span('qemu_first_byte_ms')} ms | "
+                      f"ratio {row['ratio_first_byte']:.2f} ({min(ratios):.2f}-{max(ratios):.2f}, "
+                      f"pairs of the same run)", flush=True)
                 phases = {k: v for k, v in row["leanvm"].items() if " at ms" in k or
                           k.startswith("copy")}
                 print("    leanvm phases: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import have, median, save
+from _common import have, median, save, spread
 
 LEANVM = str(Path(sys.executable).with_name("leanvm"))
 
@@ -81,27 +81,29 @@ def main() -> None:
         if peers:
             qemu_runs.append(qemu_once(bios))
 
-    def med(runs: list[dict[str, float]], key: str) -> float:
-        return median([run[key] for run in runs])
+    def cell(runs: list[dict[str, float]], key: str) -> str:
+        values = [run[key] for run in runs]
+        return f"{median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
-    figures = {"leanvm": {k: round(med(leanvm_runs, k), 1) for k in leanvm_runs[0]}}
-    print(f"start-up, median of {args.rounds} alternating runs (ms from spawn)")
-    print(f"{'':22} {'1st instruction':>15} {'1st serial byte':>15} {'exit':>8}")
-    lv = figures["leanvm"]
-    print(f"{'leanvm run (demo)':22} {lv['first_instruction_ms']:15.1f} {lv['first_byte_ms']:15.1f} "
-          f"{lv['exit_ms']:8.1f}")
+    figures: dict = {"leanvm": {k: spread([r[k] for r in leanvm_runs]) for k in leanvm_runs[0]}}
+    print(f"start-up, {args.rounds} alternating runs, ms from spawn: median (min-max)")
+    print(f"{'':24} {'1st instruction':>20} {'1st serial byte':>20} {'exit':>20}")
+    print(f"{'leanvm run (demo)':24} {cell(leanvm_runs, 'first_instruction_ms'):>20} "
+          f"{cell(leanvm_runs, 'first_byte_ms'):>20} {cell(leanvm_runs, 'exit_ms'):>20}")
+    lv = {k: v["median"] for k, v in figures["leanvm"].items()}
     if qemu_runs:
-        figures["qemu_microvm"] = {k: round(med(qemu_runs, k), 1) for k in qemu_runs[0]}
-        qm = figures["qemu_microvm"]
-        print(f"{'qemu -M microvm (tiny)':22} {'-':>15} {qm['first_byte_ms']:15.1f} {qm['exit_ms']:8.1f}")
-        ratio = lv["first_byte_ms"] / qm["first_byte_ms"]
-        figures["ratio_first_byte"] = round(ratio, 2)
-        print(f"leanvm / QEMU microvm, spawn to first serial byte: {ratio:.2f}x")
+        figures["qemu_microvm"] = {k: spread([r[k] for r in qemu_runs]) for k in qemu_runs[0]}
+        print(f"{'qemu -M microvm (tiny)':24} {'-':>20} {cell(qemu_runs, 'first_byte_ms'):>20} "
+              f"{cell(qemu_runs, 'exit_ms'):>20}")
+        ratios = [a["first_byte_ms"] / b["first_byte_ms"] for a, b in zip(leanvm_runs, qemu_runs)]
+        figures["ratio_first_byte"] = spread(ratios)
+        print(f"leanvm / QEMU microvm, spawn to first serial byte: {median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}x, pairs of the same round)")
     else:
         print("QEMU not installed or /dev/kvm unusable: leanvm figures only "
               "(make bench installs qemu-system-x86)")
     target = lv["first_instruction_ms"] < 100
-    print(f"leanvm first instruction {lv['first_instruction_ms']:.1f} ms (target < 100 ms): "
+    print(f"leanvm first instruction {lv['first_instruction_ms']:.1f} ms median (target < 100 ms): "
           f"{'met' if target else 'NOT met'}")
     save("startup", {"rounds": args.rounds, "figures": figures})
 
