@@ -36,6 +36,7 @@ from _common import ROOT, have, median, save
 LEANVM = str(Path(sys.executable).with_name("leanvm"))
 INIT_LINE = b"Run /init"
 BATCH_S = 0.01  # the reader's pause between reads (watch)
+KVM_FAILED = b"internal error"  # in a VMM's messages: the guest cannot go on
 MiB = 1 << 20
 
 
@@ -80,7 +81,7 @@ def watch(proc: subprocess.Popen, start: int, until: bytes, limit: float,
             continue
         if err in ready:
             text = os.read(err, 65536)
-            failed = b"internal error" in bytes(errors[-20:]) + text
+            failed = KVM_FAILED in bytes(errors[-len(KVM_FAILED):]) + text  # split reads too
             errors += text
         if out not in ready:
             continue
