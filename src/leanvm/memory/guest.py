@@ -3,6 +3,10 @@
 Everything the VMM or a device reads or writes in the guest goes through GuestMemory, which
 refuses any access that is not wholly inside one region with a GuestError, so a hostile
 guest-supplied address or length can never reach host memory outside guest RAM.
+
+A region whose memory can be given back (a virtio-mem region) has a discard manager
+(memory/discard.py): reads of its discarded blocks return zeros without touching the host
+pages (which would populate them again), and writes to them are refused.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import bisect
 import struct
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from leanvm.errors import DeviceError, GuestError
 from leanvm.memory.host import PAGE_SIZE, HostMapping
+
+if TYPE_CHECKING:
+    from leanvm.memory.discard import DiscardManager
 
 
 class RegionKind(Enum):
@@ -24,16 +32,17 @@ class RegionKind(Enum):
 class GuestRegion:
     """``size`` bytes at guest-physical ``base``, backed by ``mapping``."""
 
-    __slots__ = ("name", "base", "mapping", "kind", "readonly", "view")
+    __slots__ = ("name", "base", "mapping", "kind", "readonly", "view", "discard")
 
     def __init__(self, name: str, base: int, mapping: HostMapping, kind: RegionKind,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, discard: "DiscardManager | None" = None) -> None:
         self.name = name
         self.base = base
         self.mapping = mapping
         self.kind = kind
         self.readonly = readonly  # read-only to the guest (a KVM_MEM_READONLY memslot)
         self.view = mapping.view()
+        self.discard = discard  # which blocks hold memory, for regions that can give it back
 
     def __repr__(self) -> str:
         return (f"GuestRegion({self.name!r}, base={self.base:#x}, size={self.size:#x}, "
@@ -86,7 +95,16 @@ class GuestMemory:
     def read(self, address: int, length: int) -> bytes:
         region = self.find(address, length)
         offset = address - region.base
-        return bytes(region.view[offset:offset + length])
+        if region.discard is None:
+            return bytes(region.view[offset:offset + length])
+        out = bytearray(length)  # discarded blocks read as zeros, their pages untouched
+        view = region.view
+
+        def copy(start: int, size: int) -> None:
+            out[start - offset:start - offset + size] = view[start:start + size]
+
+        region.discard.replay_populated(offset, length, copy)
+        return bytes(out)
 
     def write(self, address: int, data: "bytes | memoryview", *, force: bool = False) -> None:
         """Write ``data``; regions read-only to the guest need ``force`` (the VMM loading them)."""
@@ -94,6 +112,9 @@ class GuestMemory:
         if region.readonly and not force:
             raise GuestError(f"guest address {address:#x} is in read-only region {region.name}")
         offset = address - region.base
+        if region.discard is not None and data and not self.holds(address, len(data)):
+            raise GuestError(f"guest address range [{address:#x}, +{len(data):#x}) is in "
+                             f"memory {region.name} has given back (unplugged)")
         if offset + len(data) > region.mapping.writable_limit:
             raise GuestError(f"region {region.name} is backed by read-only host memory at "
                              f"{address:#x}")
@@ -112,13 +133,40 @@ class GuestMemory:
             region = self.find(address, length)
         except GuestError:
             return False
-        if region.kind is not RegionKind.RAM or region.readonly or not region.mapping.writable:
+        if (region.kind is not RegionKind.RAM or region.readonly or not region.mapping.writable
+                or region.discard is not None):
             return False
         offset = address - region.base
         if -(-(offset + length) // page) * page > region.size:
             return False
         region.mapping.overlay_file(offset, length, path, file_offset)
         return True
+
+    def holds(self, address: int, length: int) -> bool:
+        """Whether [address, address + length) is in one region and holds memory: no block
+        of it discarded."""
+        try:
+            region = self.find(address, length)
+        except GuestError:
+            return False
+        if region.discard is None or length <= 0:
+            return True
+        block = region.discard.block_size
+        offset = address - region.base
+        first = offset // block * block
+        return region.discard.is_populated(first, -(-(offset + length) // block) * block - first)
+
+    def populated_ranges(self) -> list[tuple[GuestRegion, int, int]]:
+        """(region, offset, size) of every range that holds memory: whole regions, less what
+        their discard managers have discarded. What dumps and accounting walk."""
+        out: list[tuple[GuestRegion, int, int]] = []
+        for region in self._regions:
+            if region.discard is None:
+                out.append((region, 0, region.size))
+            else:
+                region.discard.replay_populated(
+                    0, region.size, lambda o, s, r=region: out.append((r, o, s)))
+        return out
 
     def read_int(self, address: int, size: int) -> int:
         return int.from_bytes(self.read(address, size), "little")
@@ -139,3 +187,4 @@ class GuestMemory:
             region.mapping.unmap()
         self._regions.clear()
         self._bases.clear()
+

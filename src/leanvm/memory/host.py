@@ -236,3 +236,27 @@ def _map_fixed(address: int, length: int, prot: int, path: str) -> None:
                               f"{os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
+
+
+class ReleasePages:
+    """A discard listener (memory/discard.py) that gives a region's discarded pages back to
+    the host at once: MADV_DONTNEED drops anonymous and private pages (they read as zeros
+    and cost nothing until touched again). A shared file mapping would need its file's
+    blocks punched out as well (fallocate PUNCH_HOLE); no region of that kind is discarded
+    yet, so it is refused rather than half done."""
+
+    __slots__ = ("mapping", "released")
+
+    def __init__(self, mapping: HostMapping) -> None:
+        if mapping.shared:
+            raise LeanvmError(f"{mapping.path}: shared file-backed memory cannot be discarded "
+                              "yet (it would need hole punching)")
+        self.mapping = mapping
+        self.released = 0  # bytes given back so far
+
+    def on_populate(self, offset: int, size: int) -> None:
+        pass  # pages come back on the guest's first touch
+
+    def on_discard(self, offset: int, size: int) -> None:
+        self.mapping.discard(offset, size)
+        self.released += size
