@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "guests"))
 
 from build import build_guest, build_test_kernel  # noqa: E402
-from kernel_fixtures import busybox_initrd, minimal_kernel, test_init_initrd  # noqa: E402,F401
+from kernel_fixtures import (busybox_initrd, minimal_kernel, spin_initrd,  # noqa: E402,F401
+                             test_init_initrd)
 
 
 def kvm_unavailable_reason() -> str | None:

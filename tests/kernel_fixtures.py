@@ -80,3 +80,16 @@ def busybox_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except ImageError as exc:
         pytest.skip(f"no default initramfs here: {exc}")
     return out
+
+
+@pytest.fixture(scope="session")
+def spin_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initramfs whose /init (tests/guests/init/spin.c) spins in user mode without a
+    system call: the kernel stays up after "Run /init" on hosts where system calls fail."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the spinning init (make test installs it)")
+    from leanvm.loader.initramfs import base_image
+
+    out = tmp_path_factory.mktemp("initrd") / "spin.cpio"
+    base_image(user_program("spin").read_bytes()).write(out)
+    return out

@@ -222,3 +222,23 @@ def test_the_iasl_check_catches_a_bad_checksum(iasl: str, tmp_path: Path) -> Non
     madt[9] ^= 0x01
     with pytest.raises(AssertionError):
         disassemble(iasl, bytes(madt), tmp_path, "bad")
+
+
+def test_iasl_reads_virtio_mmio_devices_and_compiles_them_back(iasl: str, tmp_path: Path) -> None:
+    """Two virtio-mmio windows as Linux's virtio_mmio ACPI probe needs them: _HID LNRO0005,
+    the window in Memory32Fixed, the GSI in an edge-triggered, active-high Interrupt."""
+    windows = ((0xD000_0000, 0x200, 16), (0xD000_1000, 0x200, 17))
+    built = build_acpi_tables(BASE, platform(1)._replace(virtio_mmio=windows))
+    dsdt = table_at(built.blob, built.addresses["DSDT"])
+    text = re.sub(r"\s+", " ", disassemble(iasl, dsdt, tmp_path, "dsdt"))
+    for index, (base, size, gsi) in enumerate(windows):
+        assert f"Device (VR{index:02d})" in text
+        assert f"Memory32Fixed (ReadWrite, 0x{base:08X}, // Address Base 0x{size:08X}, " in text
+        assert ("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { "
+                f"0x{gsi:08X}, }}") in text
+    assert text.count('Name (_HID, "LNRO0005")') == 2
+    assert "Scope (_SB)" in text
+    done = subprocess.run([iasl, "-p", str(tmp_path / "again"), str(tmp_path / "dsdt.dsl")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "again.aml").read_bytes()[36:] == dsdt[36:]

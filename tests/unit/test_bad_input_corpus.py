@@ -268,6 +268,12 @@ RUN_VALUES = [
     (["--symbols", "System.map"], "System.map"),
     (["-monitor", "stdio"], "-monitor"), (["-k", "en-us"], "-k"), (["--mem", "64M"], "--mem"),
     (["-vnc", ":0"], "-vnc"), (["stray"], "stray"),
+    (["--virtio-mem", "size=1G"], "maxmem"), (["--virtio-mem", "size=lots"], "lots"),
+    (["--virtio-mem", "requested=1G"], "size="), (["--virtio-mem", "size=1G,block=3M"], "3M"),
+    (["-m", "128M,maxmem=640M", "--virtio-mem", "size=1G"], "1024M"),
+    (["-object", "memory-backend-file,id=m,size=1G"], "memory-backend-file"),
+    (["-device", "virtio-net-pci"], "virtio-net-pci"),
+    (["--virtio-discovery", "fdt"], "fdt"),
 ]
 
 

@@ -39,7 +39,8 @@ def test_the_buses_hold_exactly_the_tables_rows_and_irqs_reach_their_lines() -> 
         assert (IRQ["com1"], True) in raised and IRQ["com1"] == 4
     finally:
         memory.close()
-    assert {w.name for w in MMIO} == {"bios-area", "probe"}
+    assert {w.name for w in MMIO} == {"bios-area", "virtio", "probe"}
+    assert mmio_address("virtio", plan) == plan.get("platform").base  # slots from the start
 
 
 def test_memmap_shows_flash_banks_where_run_puts_them_and_the_platform(tmp_path: Path) -> None:
@@ -58,3 +59,11 @@ def test_memmap_shows_flash_banks_where_run_puts_them_and_the_platform(tmp_path:
     assert "flash0" in shown.stdout and "0xfffe0000" in shown.stdout
     assert "com1        0x3f8-0x3ff, IRQ 4" in shown.stdout
     assert "probe       0xd0fff000-0xd0fff007" in shown.stdout
+
+
+def test_virtio_irqs_are_isa_lines_no_platform_device_uses() -> None:
+    from leanvm.machine.platform import VIRTIO_IRQS
+
+    assert len(set(VIRTIO_IRQS)) == len(VIRTIO_IRQS) == 8
+    assert not set(VIRTIO_IRQS) & set(IRQ.values())
+    assert all(0 < irq < 16 and irq not in (2, 3, 8, 12) for irq in VIRTIO_IRQS)

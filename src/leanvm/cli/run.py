@@ -146,6 +146,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="the guest kernel's System.map or ELF with symbols, for "
                         "--sample-rip (default: looked for beside the kernel and in "
                         "/usr/lib/debug/boot)")
+    parser.add_argument("--virtio-mem", action="append", default=[],
+                        metavar="size=SIZE[,requested=SIZE][,block=SIZE][,id=NAME]",
+                        help="a virtio-mem device: memory the guest plugs and unplugs in blocks "
+                             "(default 2M) inside a region of SIZE placed after RAM (needs -m "
+                             "RAM,maxmem=MAX with room for it); requested is what the guest is "
+                             "asked to plug (default 0); unplugged memory costs the host nothing")
+    parser.add_argument("-object", dest="objects", action="append", default=[],
+                        metavar="memory-backend-ram,id=ID,size=SIZE",
+                        help="QEMU's memory backend for -device virtio-mem-pci")
+    parser.add_argument("-device", dest="devices", action="append", default=[],
+                        metavar="virtio-mem-pci,memdev=ID[,requested-size=SIZE][,block-size=SIZE]",
+                        help="QEMU's virtio-mem spelling (leanvm's is a virtio-mmio device)")
+    parser.add_argument("--virtio-discovery", default="acpi", choices=("acpi", "cmdline"),
+                        help="how Linux finds virtio-mmio devices: acpi (default, DSDT "
+                             "entries) or cmdline (virtio_mmio.device= parameters added)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary")
     parser.add_argument("-name", "--name", default="", metavar="NAME",
                         help="a name for the VM, shown in the summary and the stats")
@@ -218,6 +233,7 @@ def machine_config(args: argparse.Namespace) -> "MachineConfig":
     """The command line as a MachineConfig (which checks every value)."""
     import os
 
+    from leanvm.cli.devices import virtio_mem_specs
     from leanvm.cli.memmap import parse_settings
     from leanvm.errors import ConfigError
     from leanvm.machine.config import MachineConfig
@@ -246,6 +262,8 @@ def machine_config(args: argparse.Namespace) -> "MachineConfig":
                          machine=machine_name, name=args.name, pa_bits=args.pa_bits,
                          args=args.args, serial=args.serial, hide_cpu_features=hidden,
                          layout=tuple(settings.items()),
+                         virtio_mem=virtio_mem_specs(args.virtio_mem, args.objects, args.devices),
+                         virtio_discovery=args.virtio_discovery,
                          kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
 
 

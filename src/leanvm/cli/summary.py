@@ -66,9 +66,28 @@ def print_summary(result: "RunResult", stream: TextIO) -> None:
         lines.append(one_line(result.fallback_summary))
     for line in lines:
         console.print("  " + line, markup=False)
+    for device in result.stats().get("virtio_mem") or []:
+        console.print("  " + virtio_mem_line(device), markup=False)
     if result.samples is not None:
         _print_samples(console, result.samples)
     _print_memory(console, result)
+
+
+def virtio_mem_line(device: dict) -> str:
+    """One virtio-mem device's state at the stop (names and errors are printed as data)."""
+    from leanvm.cli.main import one_line
+
+    requests = ", ".join(f"{name} {n}" for name, n in sorted(device["requests"].items()))
+    resident = ("" if device["resident"] is None else
+                f"; host holds {human(device['resident'])}, of it in unplugged blocks "
+                f"{human(device['resident_unplugged'])}")
+    per_block = device["unplug_ns_per_block"]
+    unplug = f"; unplug {per_block / 1000:.1f} us per block" if per_block is not None else ""
+    errors = f"; needed a reset: {one_line(device['errors'][-1])}" if device.get("errors") else ""
+    return (f"virtio-mem {device['name']}: region {human(device['region_size'])} at "
+            f"{device['address']:#x}, requested {human(device['requested_size'])}, plugged "
+            f"{human(device['plugged_size'])}{resident}; requests: {requests or 'none'}"
+            f"{unplug}; notifications via {device['wiring']}{errors}")
 
 
 def _print_memory(console: "Console", result: "RunResult") -> None:

@@ -6,7 +6,9 @@ more: an ACPI 6.4 platform that is not hardware-reduced (fixed PM1a event and co
 registers and a PM timer in I/O space, devices/acpi_pm.py), always in ACPI mode (SMI_CMD 0),
 with legacy ISA devices and an i8042 (IAPC_BOOT_ARCH), a reset register (the i8042's pulse
 reset, 0xFE to port 0x64), one Processor Local APIC per vCPU, KVM's in-kernel IOAPIC at GSI
-base 0, and a DSDT holding only the \\_S5 (soft-off) sleep package.
+base 0, and a DSDT holding the \\_S5 (soft-off) sleep package and one device per virtio-mmio
+window (``_HID "LNRO0005"``, the id Linux's virtio_mmio driver matches, with the window and
+its interrupt in ``_CRS``; QEMU's microvm describes its windows the same way).
 
 Interrupt source overrides: KVM's default GSI routing (the one installed by
 KVM_CREATE_IRQCHIP) connects ISA IRQ n to IOAPIC pin n and PIC pin n % 8 for n < 16, and the
@@ -87,6 +89,17 @@ WORD_PREFIX = 0x0B
 DWORD_PREFIX = 0x0C
 QWORD_PREFIX = 0x0E
 PACKAGE_OP = 0x12  # DefPackage := PackageOp PkgLength NumElements PackageElementList
+STRING_PREFIX = 0x0D  # String := StringPrefix AsciiCharList NullChar
+SCOPE_OP = 0x10  # DefScope := ScopeOp PkgLength NameString TermList
+BUFFER_OP = 0x11  # DefBuffer := BufferOp PkgLength BufferSize ByteList
+EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82  # DefDevice := ExtOpPrefix 0x82 PkgLength NameString ...
+# resource descriptors (6.4.3): large items are a tag byte and a 16-bit length
+MEMORY32_FIXED = 0x86  # 32-bit fixed memory range: info, base, length
+MEMORY32_READ_WRITE = 1
+EXTENDED_INTERRUPT = 0x89  # flags, count, then 32-bit interrupt numbers (GSIs)
+INT_CONSUMER, INT_EDGE = 1 << 0, 1 << 1  # flags: consumer; edge (else level); active high
+END_TAG = bytes([0x79, 0])  # small item End Tag, checksum 0 ("treat as summed to zero")
+VIRTIO_MMIO_HID = "LNRO0005"
 
 TABLES_LIMIT = 0x20000  # [0xE0000, 0x100000) holds at most this much
 
@@ -106,6 +119,7 @@ class AcpiPlatform(NamedTuple):
     pm1_control_length: int = 2
     pm_timer_length: int = 4
     century: int = 0x32  # CMOS index of the century byte
+    virtio_mmio: tuple[tuple[int, int, int], ...] = ()  # (base, size, GSI) of each window
 
 
 class AcpiTables(NamedTuple):
@@ -185,10 +199,52 @@ def aml_name(name: str, data: bytes) -> bytes:
     return bytes([NAME_OP]) + aml_name_seg(name) + data
 
 
+def aml_string(text: str) -> bytes:
+    return bytes([STRING_PREFIX]) + text.encode("ascii") + b"\0"
+
+
+def aml_buffer(data: bytes) -> bytes:
+    body = aml_integer(len(data)) + data
+    return bytes([BUFFER_OP]) + aml_pkg_length(len(body)) + body
+
+
+def aml_device(name: str, body: bytes) -> bytes:
+    inner = aml_name_seg(name) + body
+    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def aml_scope(path: str, body: bytes) -> bytes:
+    """Scope (NAME) { body } for a name under the root ("_SB"): in the DSDT, whose scope is
+    the root, no RootChar is needed (iasl drops it too)."""
+    inner = aml_name_seg(path) + body
+    return bytes([SCOPE_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def mmio_resources(base: int, size: int, gsi: int) -> bytes:
+    """ResourceTemplate { Memory32Fixed (ReadWrite, base, size)
+                          Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi } }"""
+    if base + size > 1 << 32 or not 0 <= gsi < 1 << 32:
+        raise ValueError(f"window {base:#x}+{size:#x} or GSI {gsi} does not fit 32 bits")
+    memory = struct.pack("<BHBII", MEMORY32_FIXED, 9, MEMORY32_READ_WRITE, base, size)
+    interrupt = struct.pack("<BHBBI", EXTENDED_INTERRUPT, 6, INT_CONSUMER | INT_EDGE, 1, gsi)
+    return memory + interrupt + END_TAG
+
+
+def virtio_devices(windows: tuple[tuple[int, int, int], ...]) -> bytes:
+    """Scope (\\_SB) { Device (VR00) { _HID "LNRO0005", _UID 0, _CRS ... } ... }"""
+    devices = b"".join(
+        aml_device(f"VR{index:02d}",
+                   aml_name("_HID", aml_string(VIRTIO_MMIO_HID))
+                   + aml_name("_UID", aml_integer(index))
+                   + aml_name("_CRS", aml_buffer(mmio_resources(base, size, gsi))))
+        for index, (base, size, gsi) in enumerate(windows))
+    return aml_scope("_SB", devices) if devices else b""
+
+
 def dsdt(platform: AcpiPlatform) -> bytes:
     # \_S5: Package { PM1a_CNT.SLP_TYP, PM1b_CNT.SLP_TYP, reserved, reserved }
     s5 = aml_name("_S5", aml_package([platform.s5_sleep_type, platform.s5_sleep_type, 0, 0]))
-    return _table(b"DSDT", DSDT_REVISION, s5)
+    return _table(b"DSDT", DSDT_REVISION, s5 + virtio_devices(platform.virtio_mmio))
 
 
 # --- tables -------------------------------------------------------------------------------

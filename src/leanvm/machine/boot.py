@@ -60,7 +60,7 @@ def boot_path(config: MachineConfig) -> BootPath:
 _BUILT_PARTS = ("kvm", "vm", "cpu_profile", "kernel_cmdline", "cmdline_added", "plan",
                 "memory_manager", "platform", "flash_banks", "bios_area", "boot", "entry",
                 "image", "kernel", "direct_boot", "kernel_file", "entry_trap", "vcpus",
-                "fallback", "coalesced")
+                "fallback", "coalesced", "virtio")
 
 
 class Built:
@@ -69,7 +69,8 @@ class Built:
     memory_manager, platform, flash_banks, bios_area; boot (the BootPath) and entry; what
     was loaded: image (bare guests), kernel (what fw_cfg serves for firmware with
     -kernel), direct_boot and kernel_file (direct boots), entry_trap; vcpus; fallback;
-    coalesced (the ring KVM queues the serial console's writes in, if it does).
+    coalesced (the ring KVM queues the serial console's writes in, if it does); virtio (the
+    virtio-mmio devices, machine/virtio.py).
     (A slotted class rather than a NamedTuple: made on every start, and NamedTuple
     classes cost start-up time to create.)"""
 
@@ -124,6 +125,8 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
     if boot_trace is not None:
         platform.fw_cfg_transfers.add(boot_trace.fw_cfg)
     coalescing = config.coalesced_io and coalesce_ports(vm, platform) is not None
+    virtio = keep(virtio_devices(config, planned.memory_map, memory, platform, vm))   # 4b
+    cmdline = with_virtio_cmdline(config, planned.memory_map, cmdline)
     from leanvm.machine.firmware_boot import build_flash                           # 5
     banks, area = build_flash(planned, memory, platform, keep)
     with explain_cmdline(added):                                                   # 6
@@ -136,12 +139,13 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
     fallback = make_fallback(config, memory, platform, cpuid, host_finding)
     if fallback is not None:
         keep(fallback)
+    virtio.start()
     if tracer.enabled:
         tracer.instant("vmm", "images loaded")
     return Built(kvm, vm, profile, cmdline, added, planned.memory_map, memory, platform,
                  tuple(banks), area, path, entry, inputs.image, parts.kernel,
                  parts.direct_boot, inputs.kernel if path is BootPath.DIRECT else None,
-                 parts.entry_trap, tuple(vcpus), fallback, ring)
+                 parts.entry_trap, tuple(vcpus), fallback, ring, virtio)
 
 
 # --- 0. inputs -----------------------------------------------------------------------------
@@ -208,6 +212,31 @@ def setup_kvm_private(vm: "Vm", plan: "MemoryMap") -> None:
         if region.role is RegionRole.KVM_PRIVATE:
             vm.set_identity_map_addr(region.base)
             vm.set_tss_addr(region.base + 0x1000)
+
+
+# --- 4b. virtio devices --------------------------------------------------------------------
+def virtio_devices(config: MachineConfig, plan: "MemoryMap", memory: MemoryManager,
+                   platform: Platform, vm: "Vm") -> Any:
+    """The virtio-mmio devices (machine/virtio.py); an empty set costs no import."""
+    from leanvm.machine.virtio import VirtioDevices, build_virtio
+
+    devices = VirtioDevices()
+    if config.virtio_mem:
+        try:
+            build_virtio(config, plan, memory, platform, vm, devices)
+        except BaseException:
+            devices.close()
+            raise
+    return devices
+
+
+def with_virtio_cmdline(config: MachineConfig, plan: "MemoryMap", cmdline: str) -> str:
+    """The command line with virtio_mmio.device= parameters when discovery is "cmdline"."""
+    if not config.virtio_mem or config.virtio_discovery != "cmdline":
+        return cmdline
+    from leanvm.machine.virtio import cmdline_devices
+
+    return " ".join(part for part in (cmdline, cmdline_devices(config, plan)) if part)
 
 
 # --- 6. boot paths: each loads what it boots and says how vCPU 0 starts ------------------

@@ -105,6 +105,59 @@ class SerialConfig(NamedTuple):
         raise ConfigError(f"bad serial mode {text!r}: expected stdio, file:PATH or none")
 
 
+class VirtioMemSpec:
+    """One virtio-mem device: a region of ``size`` bytes in ``block``-byte blocks, of which the
+    guest is asked to plug ``requested``. (A slotted class: see MachineConfig.)"""
+
+    __slots__ = ("name", "size", "requested", "block")
+
+    def __init__(self, name: str, size: int, requested: int = 0, block: int = 2 * MiB) -> None:
+        if block < 2 * MiB or block & (block - 1):
+            raise ConfigError(f"virtio-mem {name}: bad block size {_size_text(block)}: expected "
+                              "a power of two of at least 2M")
+        if size <= 0 or size % block:
+            raise ConfigError(f"virtio-mem {name}: size {_size_text(size)} must be a positive "
+                              f"multiple of the block size {_size_text(block)}")
+        if not 0 <= requested <= size or requested % block:
+            raise ConfigError(f"virtio-mem {name}: requested size {_size_text(requested)} must "
+                              f"be a multiple of {_size_text(block)} from 0 to the size "
+                              f"{_size_text(size)}")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,31}", name):
+            raise ConfigError(f"bad virtio-mem id {name!r}: expected a letter, then up to 31 "
+                              "letters, digits, '_', '.' or '-'")
+        self.name, self.size, self.requested, self.block = name, size, requested, block
+
+    def _key(self) -> tuple[str, int, int, int]:
+        return (self.name, self.size, self.requested, self.block)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VirtioMemSpec) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"VirtioMemSpec({self.name!r}, size={_size_text(self.size)}, "
+                f"requested={_size_text(self.requested)}, block={_size_text(self.block)})")
+
+    @classmethod
+    def parse(cls, text: str, index: int = 0) -> "VirtioMemSpec":
+        """'size=4G,requested=1G,block=2M[,id=NAME]' (the id defaults to vmemINDEX)."""
+        values: dict[str, str] = {}
+        for part in (p.strip() for p in str(text).split(",")):
+            key, eq, value = part.partition("=")
+            if not eq or key not in ("size", "requested", "block", "id") or key in values:
+                raise ConfigError(f"bad --virtio-mem option {part!r}: expected size=SIZE"
+                                  "[,requested=SIZE][,block=SIZE][,id=NAME]")
+            values[key] = value
+        if "size" not in values:
+            raise ConfigError(f"bad --virtio-mem {text!r}: no size= given")
+        return cls(values.get("id", f"vmem{index}"),
+                   parse_size(values["size"], "virtio-mem size"),
+                   parse_size(values.get("requested", "0"), "virtio-mem requested size"),
+                   parse_size(values.get("block", "2M"), "virtio-mem block size"))
+
+
 class MachineConfig:
     """Everything needed to build one VM, validated on construction (this is the one place
     configuration is checked); treat it as a value (``replace`` makes a changed copy).
@@ -118,7 +171,8 @@ class MachineConfig:
                  "slots", "machine", "pa_bits", "layout", "flash", "max_fw_size", "bios",
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
-                 "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io", "tsc_khz")
+                 "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io", "tsc_khz",
+                 "virtio_mem", "virtio_discovery")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -133,8 +187,9 @@ class MachineConfig:
                  kernel_boot: str = "auto", smp: int = 1, cpu_profile: str = "auto",
                  emulation_fallback: str = "auto", zero_copy: bool = True,
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
-                 symbols: Path | str | None = None, name: str = "",
-                 coalesced_io: bool = True, tsc_khz: int | None = None) -> None:
+                 symbols: Path | str | None = None, name: str = "", coalesced_io: bool = True,
+                 tsc_khz: int | None = None, virtio_mem: "tuple[VirtioMemSpec | str, ...]" = (),
+                 virtio_discovery: str = "acpi") -> None:
         self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes; None:
         # no memory beyond RAM; hotplug slots
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
@@ -155,8 +210,8 @@ class MachineConfig:
         # direct boot: "pvh" (ELF, or a bzImage decompressed on the host), "bzimage" (64-bit
         # boot protocol, the guest decompresses), "auto" (pvh when possible)
         self.kernel_boot: str = _choice(kernel_boot, KERNEL_BOOT_MODES, "kernel boot mode")
-        # direct boot: map kernel and initrd pages copy-on-write from their files (shared
-        # page cache) instead of copying them; decompress a compressed initramfs on the host
+        # direct boot: map kernel and initrd pages copy-on-write from their files instead
+        # of copying them; decompress a compressed initramfs on the host
         self.zero_copy: bool = bool(zero_copy)
         self.initrd_unpack: bool = bool(initrd_unpack)
         self.smp: int = _vcpus(smp)  # vCPUs, one host thread each
@@ -171,13 +226,13 @@ class MachineConfig:
         self.probe_names: tuple[tuple[int, str], ...] = tuple(probe_names)  # probe id -> name
         # sample every vCPU's RIP this many times a second (machine/sampler.py); 0: off
         self.sample_hz: float = _sample_hz(sample_hz)
-        # where the guest kernel's symbols are (System.map or ELF); None: looked for
-        self.symbols: Path | None = _path(symbols)
+        self.symbols: Path | None = _path(symbols)  # System.map or ELF; None: looked for
         self.name: str = _name(name)  # -name: shown in the summary and the stats
-        # let KVM queue the serial console's transmit writes (machine/platform.py
-        # COALESCED_PORTS) where it can, instead of an exit per byte
+        # let KVM queue the console's writes where it can (platform.py COALESCED_PORTS)
         self.coalesced_io: bool = bool(coalesced_io)
         self.tsc_khz: int | None = _tsc_khz(tsc_khz)  # None: the host's TSC frequency
+        # virtio-mem devices; how Linux finds virtio-mmio devices (machine/virtio.py)
+        self.virtio_mem, self.virtio_discovery = _virtio(virtio_mem, virtio_discovery)
         _check_combination(self)
 
     @property
@@ -284,6 +339,21 @@ def _tsc_khz(khz: int | None) -> int | None:
     return khz
 
 
+def _virtio(specs: "tuple[VirtioMemSpec | str, ...]", discovery: str
+            ) -> tuple[tuple[VirtioMemSpec, ...], str]:
+    """The virtio-mem specs (text is parsed), names unique; discovery "acpi" (DSDT entries)
+    or "cmdline" (virtio_mmio.device= parameters)."""
+    _choice(discovery, ("acpi", "cmdline"), "virtio discovery")
+    out = tuple(VirtioMemSpec.parse(s, i) if isinstance(s, str) else s
+                for i, s in enumerate(specs))
+    names = [spec.name for spec in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two virtio-mem devices are called {name!r}: give each its "
+                              "own id=")
+    return out, discovery
+
+
 def _name(name: str) -> str:
     if not isinstance(name, str) or len(name) > MAX_NAME or not name.isprintable():
         raise ConfigError(f"bad VM name {name!r}: expected printable text of at most "
@@ -307,6 +377,9 @@ def _check_combination(config: MachineConfig) -> None:
         raise ConfigError(f"--kernel-boot {config.kernel_boot} chooses how leanvm enters a "
                           "kernel without firmware; with firmware (--bios or a code flash) "
                           "the firmware loads the kernel: leave it out")
+    if config.virtio_discovery == "cmdline" and config.kernel is None:
+        raise ConfigError("--virtio-discovery cmdline adds to the kernel command line: give "
+                          "-kernel")
     if config.symbols is not None and not os.access(config.symbols, os.R_OK):
         raise ConfigError(f"{config.symbols}: cannot read the symbols file")
     if config.symbols is not None and not config.sample_hz:

@@ -50,7 +50,11 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     if config.zero_copy:  # map whole pages from the files instead of copying them
         files = {"initrd_file": initrd_file,
                  "kernel_file": elf_file if elf is not None else str(config.kernel)}
-    rsdp = write_acpi_tables(memory, config.smp)
+    from leanvm.machine.virtio import windows
+
+    acpi_windows = windows(config, plan) if config.virtio_discovery == "acpi" else []
+    rsdp = write_acpi_tables(memory, config.smp,
+                             tuple((w.base, w.size, w.gsi) for w in acpi_windows))
     loaded: "DirectKernel | PvhKernel"
     if elf is not None:
         from leanvm.loader.pvh import load_pvh
@@ -131,7 +135,8 @@ def unpacked_initrd(config: "MachineConfig", initrd: Any,
 ACPI_TABLES_BASE = 0xE0000  # in the legacy hole the e820 map leaves out; Linux scans it too
 
 
-def write_acpi_tables(memory: "GuestMemory", cpus: int) -> int:
+def write_acpi_tables(memory: "GuestMemory", cpus: int,
+                      virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> int:
     """ACPI tables describing this machine (firmware/acpi.py) for a direct boot; the RSDP's
     address, for hvm_start_info.rsdp_paddr or boot_params.acpi_rsdp_addr."""
     from leanvm.devices import acpi_pm
@@ -144,7 +149,8 @@ def write_acpi_tables(memory: "GuestMemory", cpus: int) -> int:
         pm1a_control_port=base + acpi_pm.PM1_CNT_OFFSET,
         pm_timer_port=base + acpi_pm.PM_TMR_OFFSET, sci_irq=IRQ["acpi-pm"],
         s5_sleep_type=acpi_pm.SLP_TYP_S5, pm1_event_length=acpi_pm.PM1_EVT_LEN,
-        pm1_control_length=acpi_pm.PM1_CNT_LEN, pm_timer_length=acpi_pm.PM_TMR_LEN)
+        pm1_control_length=acpi_pm.PM1_CNT_LEN, pm_timer_length=acpi_pm.PM_TMR_LEN,
+        virtio_mmio=virtio_mmio)
     tables = build_acpi_tables(ACPI_TABLES_BASE, platform)
     memory.write(tables.base, tables.blob)
     return tables.rsdp_address

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from leanvm.devices.bus import Bus, BusDevice
     from leanvm.kvm.vcpu import Vcpu
     from leanvm.machine.boot import Built
+    from leanvm.machine.virtio import VirtioMemHandle
     from leanvm.memory.guest import GuestRegion
     from leanvm.memory.host import HostMapping
     from leanvm.memory.residency import Residency
@@ -38,7 +39,7 @@ class VmParts:
     kvm, vm, plan, memory, memory_manager = _Part(), _Part(), _Part(), _Part(), _Part()
     platform, vcpus, fallback, flash_banks, bios_area = _Part(), _Part(), _Part(), _Part(), _Part()
     image, kernel, direct_boot, entry_trap, cpu_profile = _Part(), _Part(), _Part(), _Part(), _Part()
-    kernel_cmdline, cmdline_added, kernel_boot_note = _Part(), _Part(), _Part()
+    kernel_cmdline, cmdline_added, kernel_boot_note, virtio = _Part(), _Part(), _Part(), _Part()
 
     def build(self) -> Any:
         raise NotImplementedError
@@ -51,6 +52,12 @@ class VmParts:
     def direct_kernel(self) -> Any:
         boot = self.direct_boot
         return boot.kernel if boot is not None else None
+
+    @property
+    def virtio_mem(self) -> "list[VirtioMemHandle]":
+        """The virtio-mem devices: ``vm.virtio_mem[0].resize("512M")``, ``.plugged_size``,
+        ``.state()`` (a byte per block), ``.resident()`` (host bytes)."""
+        return self.virtio.mem
 
     @property
     def pio_bus(self) -> "Bus":

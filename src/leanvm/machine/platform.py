@@ -88,11 +88,17 @@ class MmioWindow:
 MMIO: tuple[MmioWindow, ...] = (
     MmioWindow("bios-area", "", 0xC0000, 0x40000, "the PC BIOS area 0xC0000-0xFFFFF as "
                "the i440FX PAM registers shape it (machine/legacy.py)"),
+    MmioWindow("virtio", "platform", 0, 0x8000, "virtio-mmio devices (virtio 1.2, 4.2), "
+               "device n in the n-th 4 KiB slot on the n-th of VIRTIO_IRQS; in the DSDT as "
+               "LNRO0005 (machine/virtio.py)"),
     MmioWindow("probe", "platform", -0x1000, PROBE_MMIO_SIZE, "the boot probes' MMIO twin, "
                "in the platform window's last 4 KiB slot (the first slots are for devices "
                "users and virtio add)"),
 )
 WINDOW = {row.name: row for row in MMIO}
+# The virtio devices' ISA IRQs, in slot order: lines no row of PORTS uses, and not 2
+# (cascade), 3 (COM2, which Linux's 8250 driver may claim), 8 (RTC) or 12 (PS/2 mouse).
+VIRTIO_IRQS = (5, 6, 7, 10, 11, 13, 14, 15)
 
 
 def mmio_address(name: str, plan: MemoryMap) -> int:

@@ -76,6 +76,7 @@ def collect(machine: "Machine", memory: bool = True) -> dict[str, Any]:
         "vcpus": len(machine.vcpus),
         "tsc_khz": tsc_khz(machine),
         "emulation_fallback": fallback.to_json() if fallback is not None else None,
+        "virtio_mem": machine.built.virtio.stats(memory) or None,
         "rip_samples": None if sampler is None else {
             "hz": sampler.hz, "count": len(sampler.samples), "symbols": sampler.symbol_note,
             "vcpus": sampler.vcpus, "missed": sampler.missed,

@@ -179,7 +179,8 @@ class GuestMemory:
 
     @property
     def ram_size(self) -> int:
-        return sum(r.size for r in self._regions if r.kind is RegionKind.RAM)
+        return sum(r.size for r in self._regions  # boot RAM: not what virtio-mem holds
+                   if r.kind is RegionKind.RAM and r.discard is None)
 
     def close(self) -> None:
         for region in self._regions:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE.parent.parent.parent / "build" / "guests"
-PROGRAMS = ("init", "probe")
+PROGRAMS = ("init", "probe", "spin")
 CFLAGS = [
     "-m64", "-Os", "-static", "-nostdlib", "-fno-pic", "-fno-pie", "-no-pie",
     "-ffreestanding", "-fno-builtin", "-fno-stack-protector", "-mgeneral-regs-only",
