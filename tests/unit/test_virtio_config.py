@@ -84,3 +84,25 @@ def test_cmdline_discovery_names_each_window() -> None:
     assert cmdline_devices(config, plan) == ("virtio_mmio.device=512@0xd0000000:5 "
                                              "virtio_mmio.device=512@0xd0001000:6")
     assert cmdline_devices(config.replace(virtio_discovery="acpi"), plan) == ""
+
+
+def test_the_plan_and_memmap_show_the_region_inside_device_memory() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leanvm.machine.plan import plan_for
+
+    config = MachineConfig(memory="512M,maxmem=2G", virtio_mem=("size=1G,id=vm0",))
+    plan = plan_for(config, 40)
+    region, hotplug = plan.get("vm0"), plan.get("device-memory")
+    assert hotplug.base <= region.base and region.end <= hotplug.end
+    assert region.role.value == "hotplug" and region not in plan.ram()
+    src = Path(__file__).resolve().parents[2] / "src"
+    done = subprocess.run([sys.executable, "-m", "leanvm", "memmap", "-m", "512M,maxmem=2G",
+                           "--virtio-mem", "size=1G,id=vm0", "--pa-bits", "40", "--json"],
+                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(src)})
+    assert done.returncode == 0, done.stderr
+    shown = {r["name"]: r for r in json.loads(done.stdout)["regions"]}
+    assert shown["vm0"]["base"] == region.base == 1 << 32 and shown["vm0"]["size"] == 1 << 30

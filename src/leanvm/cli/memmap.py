@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="show a flash bank as leanvm run --flash places it (repeatable)")
     parser.add_argument("-drive", action="append", default=[], metavar="if=pflash,file=F,...",
                         help="QEMU-style flash bank, as for leanvm run")
+    parser.add_argument("--virtio-mem", action="append", default=[],
+                        metavar="size=SIZE[,requested=SIZE][,block=SIZE][,id=NAME]",
+                        help="show where run places this virtio-mem region (as leanvm run)")
     parser.add_argument("--platform", action="store_true",
                         help="also list the platform devices: their ports, MMIO windows and "
                              "IRQs, with the specification each follows")
@@ -110,7 +113,8 @@ def _plan(args: argparse.Namespace) -> "tuple[MemoryMap, str]":
     flash += [parse_drive_option(text, unit) for unit, text in enumerate(args.drive)]
     config = MachineConfig(memory=memory.size, maxmem=memory.maxmem, slots=memory.slots,
                            machine=args.machine, pa_bits=args.pa_bits,
-                           layout=tuple(settings.items()), bios=args.bios, flash=tuple(flash))
+                           layout=tuple(settings.items()), bios=args.bios, flash=tuple(flash),
+                           virtio_mem=tuple(args.virtio_mem))
     pa_bits = args.pa_bits if args.pa_bits is not None else host_pa_bits()
     note = "" if pa_bits else " (no KVM here: 40 assumed; --pa-bits sets it)"
     return plan_for(config, pa_bits or 40), note

@@ -34,6 +34,13 @@ def plan_machine(config: MachineConfig, cpu_pa_bits: int) -> MachinePlan:
     memory_map = plan_x86_layout(config.memory, maxmem=config.maxmem, slots=config.slots,
                                  pa_bits=config.pa_bits or cpu_pa_bits, machine=config.machine,
                                  settings=dict(config.layout))
+    if config.virtio_mem:  # each region inside device-memory, as flash banks in their window
+        from leanvm.layout.region import Region, RegionRole
+        from leanvm.machine.virtio import place_virtio_mem
+
+        memory_map = memory_map.with_regions(tuple(
+            Region(p.spec.name, p.base, p.spec.size, role=RegionRole.HOTPLUG)
+            for p in place_virtio_mem(config.virtio_mem, memory_map)))
     specs = config.flash_banks
     if not specs:
         return MachinePlan(memory_map, (), ())

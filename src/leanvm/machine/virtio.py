@@ -85,10 +85,12 @@ class Placed(NamedTuple):
 
 def place_virtio_mem(specs: "tuple[VirtioMemSpec, ...]", plan: "MemoryMap") -> list[Placed]:
     """Each region's guest-physical base in the device-memory region, in order."""
+    from leanvm.layout.region import RegionRole
+
     if not specs:
         return []
     hotplug = plan.get("device-memory")
-    if not hotplug.enabled:
+    if not hotplug.enabled or hotplug.role is not RegionRole.HOTPLUG:
         raise ConfigError("--virtio-mem needs device memory after RAM: give -m SIZE,maxmem=MAX "
                           "with MAX at least RAM plus the virtio-mem sizes")
     placed, cursor = [], hotplug.base
