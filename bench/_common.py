@@ -70,3 +70,40 @@ def save(name: str, data: dict) -> Path:
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+def run_in_l1(script: str, name: str, args: list[str]) -> int:
+    """Run ``script`` with ``args`` in L1 (scripts/nested-kvm, a real KVM: docs/nested.md),
+    then copy its results file bench/results/NAME.json back (L1's own files vanish with it).
+    The minimal kernel is built here first, for the same reason."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build-kernel")], check=True,
+                   capture_output=True)
+    out = ROOT / "build" / "nested" / "bench"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "nested-kvm"), "--timeout",
+                           "5400", "--out", str(out), "--", sys.executable, script, *args],
+                          cwd=ROOT)
+    figures = out / f"{name}.json"
+    if figures.exists():
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(figures.read_text())
+    return done.returncode
+
+
+def user_space_missing(why: str) -> bool:
+    """True (after saying so on stderr) where this host's KVM cannot run guest user space."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from leanvm.machine.host_check import check_host
+
+    finding = check_host()
+    if finding.error or finding.needs_fallback:
+        print(f"this host's KVM cannot run guest user space{why}: run this in L1 (--in-l1, "
+              "docs/nested.md)", file=sys.stderr)
+        return True
+    return False
+
+
+def hand_back(path: Path, name: str) -> None:
+    """In L1, copy a results file to $NESTED_OUT, which the host reads after L1 ends."""
+    out = os.environ.get("NESTED_OUT")
+    if out:
+        Path(out, f"{name}.json").write_text(path.read_text())

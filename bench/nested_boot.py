@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import ROOT, median, save
+from _common import ROOT, hand_back, median, run_in_l1, save, user_space_missing
 from linux_boot import LEANVM, build_initrd, minimal_kernel, stop, watch
 
 USER_LINE = b"leanvm-init: user space is up"
@@ -106,24 +105,9 @@ def main() -> int:
                         help="start the L1 (scripts/nested-kvm) and run there")
     args = parser.parse_args()
     if args.in_l1:
-        minimal_kernel()  # built here: L1's writes vanish with it
-        out = ROOT / "build" / "nested" / "bench"
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "nested-kvm"),
-                               "--timeout", "5400", "--out", str(out), "--", sys.executable,
-                               __file__, "--runs", str(args.runs), "--memory", args.memory],
-                              cwd=ROOT)
-        figures = out / "nested_boot.json"
-        if figures.exists():
-            (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-            (ROOT / "bench" / "results" / "nested_boot.json").write_text(figures.read_text())
-        return done.returncode
-    sys.path.insert(0, str(ROOT / "src"))
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        print("this host's KVM cannot run guest user space: run this in L1 "
-              "(bench/nested_boot.py --in-l1, docs/nested.md)", file=sys.stderr)
+        return run_in_l1(__file__, "nested_boot",
+                         ["--runs", str(args.runs), "--memory", args.memory])
+    if user_space_missing(""):
         return 1
     return run(args)
 
@@ -160,9 +144,7 @@ def run(args: argparse.Namespace) -> int:
     path = save("nested_boot", {"runs": args.runs, "memory": args.memory, "cmdline": CMDLINE,
                                 "summary": summary, "raw": rows})
     print(f"saved {path}")
-    out = os.environ.get("NESTED_OUT")
-    if out:  # L1's files vanish with it: hand the figures back to the host
-        Path(out, "nested_boot.json").write_text(path.read_text())
+    hand_back(path, "nested_boot")
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -31,15 +30,17 @@ import threading
 import time
 from pathlib import Path
 
-from _common import QEMU_X86, ROOT, save, spread
+from _common import QEMU_X86, ROOT, hand_back, run_in_l1, save, spread, user_space_missing
 from linux_boot import minimal_kernel
 
 MB = 1 << 20
 BOOT_RAM, REGION, FILL, SMALL = "512M", 1024 * MB, 900, 128 * MB
-CMDLINE = "console=ttyS0 rodata=off memhp_default_state=online_movable rdinit=/bench-init"
+# The minimal kernel onlines plugged memory into the normal zone by itself; its tmpfs is ramfs
+# (no shmem), whose pages may not come from the movable zone, so online_movable would not do.
+CMDLINE = "console=ttyS0 rodata=off rdinit=/bench-init"
 PLUGGED, FILLED = "leanvm-bench: plugged", "leanvm-bench: filled"
 INIT = f"""#!/bin/sh
-mount -t proc proc /proc; mount -t sysfs sys /sys; mkdir -p /mnt
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mkdir -p /mnt
 mount -t tmpfs -o size=95% tmpfs /mnt
 while [ "$(awk '/MemTotal/ {{print $2}}' /proc/meminfo)" -lt 1400000 ]; do sleep 0.1; done
 echo "{PLUGGED}"
@@ -198,23 +199,8 @@ def main() -> int:
                         help="start the L1 (scripts/nested-kvm) and run there")
     args = parser.parse_args()
     if args.in_l1:
-        minimal_kernel()  # built here: L1's writes vanish with it
-        out = ROOT / "build" / "nested" / "bench"
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "nested-kvm"),
-                               "--timeout", "5400", "--out", str(out), "--", sys.executable,
-                               __file__, "--runs", str(args.runs)], cwd=ROOT)
-        figures = out / "virtio_mem.json"
-        if figures.exists():
-            (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-            (ROOT / "bench" / "results" / "virtio_mem.json").write_text(figures.read_text())
-        return done.returncode
-    sys.path.insert(0, str(ROOT / "src"))
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        print("this host's KVM cannot run guest user space, which the benchmark needs to fill "
-              "the plugged memory: run it in L1 (bench/virtio_mem.py --in-l1)", file=sys.stderr)
+        return run_in_l1(__file__, "virtio_mem", ["--runs", str(args.runs)])
+    if user_space_missing(", which the benchmark needs to fill the plugged memory"):
         return 1
     return run(args)
 
@@ -262,9 +248,7 @@ def run(args: argparse.Namespace) -> int:
     path = save("virtio_mem", {"runs": args.runs, "cmdline": CMDLINE, "summary": summary,
                                "raw": rows})
     print(f"saved {path}")
-    out = os.environ.get("NESTED_OUT")
-    if out:  # L1's files vanish with it: hand the figures back to the host
-        Path(out, "virtio_mem.json").write_text(path.read_text())
+    hand_back(path, "virtio_mem")
     return 0
 
 

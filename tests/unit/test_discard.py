@@ -143,3 +143,21 @@ def test_reads_of_discarded_memory_are_zeros_and_populate_nothing() -> None:
         assert [(r.name, o, s) for r, o, s in memory.populated_ranges()] == [("vmem0", 0, BLOCK)]
     finally:
         memory.close()
+
+
+def test_huge_mappings_are_aligned_and_give_blocks_back() -> None:
+    from leanvm.memory.host import HUGE_PAGE, ReleasePages, map_anonymous_huge
+
+    mapping = map_anonymous_huge(4 * HUGE_PAGE)
+    try:
+        assert mapping.address % HUGE_PAGE == 0 and mapping.size == 4 * HUGE_PAGE
+        view = mapping.view()
+        view[HUGE_PAGE:2 * HUGE_PAGE] = b"\x01" * HUGE_PAGE
+        release = ReleasePages(mapping)
+        assert measure([("m", mapping.address, mapping.size)])[0].resident >= HUGE_PAGE
+        release.on_discard(HUGE_PAGE, HUGE_PAGE)
+        assert measure([("m", mapping.address, mapping.size)])[0].resident == 0
+        assert view[HUGE_PAGE] == 0
+        view.release()
+    finally:
+        mapping.unmap()

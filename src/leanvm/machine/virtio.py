@@ -19,7 +19,8 @@ arrives as an MMIO exit and interrupts are an edge on KVM_IRQ_LINE.
 
 virtio-mem regions are placed in the device-memory region the memory map reserves after RAM
 (``-m SIZE,maxmem=MAX``), each aligned to Linux's x86 memory block (128 MiB) and checked to
-fit. Each is anonymous memory reserved without backing, mapped by one memslot, with a
+fit. Each is anonymous memory reserved without backing (2 MiB aligned and advised
+MADV_HUGEPAGE, so a plugged block is one transparent huge page), mapped by one memslot, with a
 discard manager that starts all discarded: only what the guest plugs and touches costs host
 memory, and what it unplugs is given back at once (memory/host.py ReleasePages).
 """
@@ -226,13 +227,13 @@ def build_virtio(config: "MachineConfig", plan: "MemoryMap", memory: "MemoryMana
     from leanvm.devices.virtio.mmio import QUEUE_NOTIFY, MmioTransport
     from leanvm.memory.discard import DiscardManager
     from leanvm.memory.guest import GuestRegion, RegionKind
-    from leanvm.memory.host import ReleasePages, map_anonymous
+    from leanvm.memory.host import ReleasePages, map_anonymous_huge
 
     slots = windows(config, plan)
     for window, placed in zip(slots, place_virtio_mem(config.virtio_mem, plan)):
         spec = placed.spec
         discard = DiscardManager(spec.name, spec.size, spec.block)
-        mapping = map_anonymous(spec.size)
+        mapping = map_anonymous_huge(spec.size)
         region = memory.add(GuestRegion(spec.name, placed.base, mapping, RegionKind.RAM,
                                         discard=discard))
         discard.add_listener(ReleasePages(mapping))
