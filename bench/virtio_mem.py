@@ -21,6 +21,7 @@ VMMs share the same slowness.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import socket
 import subprocess
@@ -194,7 +195,7 @@ def run_qemu(kernel: Path, initrd: Path, limit: float, tmp: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--limit", type=float, default=900, help="seconds per boot at most")
+    parser.add_argument("--limit", type=float, default=300, help="seconds per boot at most")
     parser.add_argument("--in-l1", action="store_true",
                         help="start the L1 (scripts/nested-kvm) and run there")
     args = parser.parse_args()
@@ -212,10 +213,14 @@ def run(args: argparse.Namespace) -> int:
         tmp = Path(name)
         initrd = build_initrd(tmp / "initramfs.cpio")
         for round_ in range(args.runs):
+            # a run that hangs ends the benchmark with every thread's stack, not silence
+            faulthandler.dump_traceback_later(2 * args.limit, exit=True)
             rows["leanvm"].append(run_leanvm(kernel, initrd, args.limit))
+            faulthandler.dump_traceback_later(2 * args.limit, exit=True)
             rows["qemu"].append(run_qemu(kernel, initrd, args.limit, tmp))
             print(f"run {round_ + 1}: leanvm {rows['leanvm'][-1]}\n       qemu {rows['qemu'][-1]}",
                   flush=True)
+        faulthandler.cancel_dump_traceback_later()
     summary = {}
     for vmm, runs in rows.items():
         done = [r for r in runs if r["reached"] and r["drop_s"] is not None]
