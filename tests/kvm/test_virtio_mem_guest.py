@@ -90,3 +90,17 @@ def test_linux_finds_the_device_from_its_command_line(minimal_kernel: Path,
         vm.stop("test done")
         vm.wait(60)
         assert PROBED in vm.console.decode(errors="replace")
+
+
+def test_a_guest_reset_touches_no_unplugged_memory() -> None:
+    """The bundled demo guest ends with an i8042 reset, which stops a leanvm VM (it does not
+    reboot in place): across the reset and the stop nothing writes or reads the region, so
+    its host pages stay absent, plugged or not."""
+    with Machine(memory="128M,maxmem=1152M", virtio_mem=("size=1G,requested=512M",)) as vm:
+        handle = vm.virtio_mem[0]
+        result = vm.run(timeout=60)
+        stats = vm.virtio.stats()[0]
+        assert handle.resident() == 0
+    assert result.reason.value == "reset", result.detail
+    assert stats["resident"] == stats["resident_unplugged"] == 0
+    assert stats["plugged_size"] == 0 and stats["requests"] == {}  # no driver in this guest
