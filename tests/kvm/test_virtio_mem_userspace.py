@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from leanvm.errors import LeanvmError
 from leanvm.machine.machine import Machine
 
 pytestmark = [pytest.mark.slow, pytest.mark.userspace]
@@ -47,13 +48,17 @@ class Shell:
         self.vm = vm
         self.count = 0
 
-    def run(self, command: str, timeout: float = 300) -> str:
+    def run(self, command: str, timeout: float = 180) -> str:
         """Run ``command`` and return its output (between two markers)."""
         self.count += 1
         tag = f"leanvm-done-{self.count}"
         start = len(self.vm.console)
         self.vm.send_input(f"{command}; echo {tag}-$((1 + 1))\n".encode())
-        self.vm.wait_for_console(f"{tag}-2", timeout=timeout)
+        try:
+            self.vm.wait_for_console(f"{tag}-2", timeout=timeout)
+        except LeanvmError as exc:
+            pytest.fail(f"{command!r} did not finish: {exc}\n"
+                        f"{self.vm.console[-3000:].decode(errors='replace')}")
         text = self.vm.console[start:].decode(errors="replace")
         body = text.split("\n", 1)[1] if "\n" in text else ""
         return body.split(f"{tag}-2")[0]
@@ -86,7 +91,10 @@ def exercise(vm: Machine, setup: str) -> dict:
     unplugging others.)"""
     handle = vm.virtio_mem[0]
     vm.start(timeout=1500)
-    vm.wait_for_console(PROMPT, timeout=900)
+    try:  # about 10-25 s in L1; a boot that stalls fails here with what it printed
+        vm.wait_for_console(PROMPT, timeout=240)
+    except LeanvmError as exc:
+        pytest.fail(f"no shell prompt: {exc}\n{vm.console[-3000:].decode(errors='replace')}")
     shell = Shell(vm)
     shell.run("mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; "
               + setup)
