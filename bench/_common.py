@@ -107,3 +107,11 @@ def hand_back(path: Path, name: str) -> None:
     out = os.environ.get("NESTED_OUT")
     if out:
         Path(out, f"{name}.json").write_text(path.read_text())
+
+
+def save_and_hand_back(name: str, data: dict) -> Path:
+    """save(), say where, and hand the file back from L1 (hand_back)."""
+    path = save(name, data)
+    print(f"saved {path}")
+    hand_back(path, name)
+    return path

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import ROOT, hand_back, median, run_in_l1, save, user_space_missing
+from _common import ROOT, median, run_in_l1, save_and_hand_back, user_space_missing
 from linux_boot import LEANVM, build_initrd, minimal_kernel, stop, watch
 
 USER_LINE = b"leanvm-init: user space is up"
@@ -141,10 +141,8 @@ def run(args: argparse.Namespace) -> int:
             a, b = summary[ours]["poweroff_s"], summary[theirs]["poweroff_s"]
             if a and b:
                 print(f"  {ours} / {theirs} to power-off: {a / b:.2f}x")
-    path = save("nested_boot", {"runs": args.runs, "memory": args.memory, "cmdline": CMDLINE,
-                                "summary": summary, "raw": rows})
-    print(f"saved {path}")
-    hand_back(path, "nested_boot")
+    save_and_hand_back("nested_boot", {"runs": args.runs, "memory": args.memory,
+                                       "cmdline": CMDLINE, "summary": summary, "raw": rows})
     return 0
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import QEMU_X86, ROOT, hand_back, run_in_l1, save, spread, user_space_missing
+from _common import QEMU_X86, ROOT, run_in_l1, save_and_hand_back, spread, user_space_missing
 from linux_boot import minimal_kernel
 
 MB = 1 << 20
@@ -300,10 +300,8 @@ def run(args: argparse.Namespace) -> int:
     a, b = summary["leanvm"]["drop_s"], summary["qemu"]["drop_s"]
     if a and b:
         print(f"  leanvm / QEMU, request to RSS drop: {a['median'] / b['median']:.2f}x")
-    path = save("virtio_mem", {"runs": args.runs, "cmdline": CMDLINE, "summary": summary,
-                               "vmm_unplug_us_per_block": vmm, "raw": rows})
-    print(f"saved {path}")
-    hand_back(path, "virtio_mem")
+    save_and_hand_back("virtio_mem", {"runs": args.runs, "cmdline": CMDLINE, "summary": summary,
+                                      "vmm_unplug_us_per_block": vmm, "raw": rows})
     return 0
 
 
