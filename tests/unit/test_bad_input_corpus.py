@@ -274,6 +274,7 @@ RUN_VALUES = [
     (["-object", "memory-backend-file,id=m,size=1G"], "memory-backend-file"),
     (["-device", "virtio-net-pci"], "virtio-net-pci"),
     (["--virtio-discovery", "fdt"], "fdt"),
+    (["-m", "128M,maxmem=1G", "--virtio-mem", "size=512M,id=platform"], "platform"),
 ]
 
 

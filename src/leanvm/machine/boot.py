@@ -217,7 +217,7 @@ def setup_kvm_private(vm: "Vm", plan: "MemoryMap") -> None:
 # --- 4b. virtio devices --------------------------------------------------------------------
 def virtio_devices(config: MachineConfig, plan: "MemoryMap", memory: MemoryManager,
                    platform: Platform, vm: "Vm") -> Any:
-    """The virtio-mmio devices (machine/virtio.py); an empty set costs no import."""
+    """The virtio-mmio devices (machine/virtio.py; an empty set without --virtio-mem)."""
     from leanvm.machine.virtio import VirtioDevices, build_virtio
 
     devices = VirtioDevices()

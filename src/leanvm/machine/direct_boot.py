@@ -50,11 +50,7 @@ def load_direct(config: "MachineConfig", plan: "MemoryMap", memory: "GuestMemory
     if config.zero_copy:  # map whole pages from the files instead of copying them
         files = {"initrd_file": initrd_file,
                  "kernel_file": elf_file if elf is not None else str(config.kernel)}
-    from leanvm.machine.virtio import windows
-
-    acpi_windows = windows(config, plan) if config.virtio_discovery == "acpi" else []
-    rsdp = write_acpi_tables(memory, config.smp,
-                             tuple((w.base, w.size, w.gsi) for w in acpi_windows))
+    rsdp = write_acpi_tables(memory, config.smp, acpi_virtio_windows(config, plan))
     loaded: "DirectKernel | PvhKernel"
     if elf is not None:
         from leanvm.loader.pvh import load_pvh
@@ -130,6 +126,16 @@ def unpacked_initrd(config: "MachineConfig", initrd: Any,
     note = (f", decompressed on the host ({'+'.join(unpacked.formats)} to "
             f"{_size(unpacked.size)}, {how})")
     return map_readonly(unpacked.path, "unpacked initramfs"), str(unpacked.path), note
+
+
+def acpi_virtio_windows(config: "MachineConfig", plan: "MemoryMap"
+                        ) -> tuple[tuple[int, int, int], ...]:
+    """(base, size, GSI) of the virtio-mmio windows the DSDT describes (discovery "acpi")."""
+    if not config.virtio_mem or config.virtio_discovery != "acpi":
+        return ()
+    from leanvm.machine.virtio import windows
+
+    return tuple((w.base, w.size, w.gsi) for w in windows(config, plan))
 
 
 ACPI_TABLES_BASE = 0xE0000  # in the legacy hole the e820 map leaves out; Linux scans it too

@@ -94,8 +94,12 @@ def place_virtio_mem(specs: "tuple[VirtioMemSpec, ...]", plan: "MemoryMap") -> l
     if not hotplug.enabled or hotplug.role is not RegionRole.HOTPLUG:
         raise ConfigError("--virtio-mem needs device memory after RAM: give -m SIZE,maxmem=MAX "
                           "with MAX at least RAM plus the virtio-mem sizes")
+    taken = {region.name for region in plan.regions}
     placed, cursor = [], hotplug.base
     for spec in specs:
+        if spec.name in taken:  # regions and their memslots are found by name
+            raise ConfigError(f"virtio-mem id {spec.name!r} is the name of a memory-map "
+                              "region: give another id=")
         base = -(-cursor // LINUX_BLOCK) * LINUX_BLOCK
         if base + spec.size > hotplug.end:
             raise ConfigError(f"virtio-mem {spec.name} ({spec.size >> 20}M) does not fit the "
@@ -229,15 +233,14 @@ def build_virtio(config: "MachineConfig", plan: "MemoryMap", memory: "MemoryMana
     from leanvm.memory.guest import GuestRegion, RegionKind
     from leanvm.memory.host import ReleasePages, map_anonymous_huge
 
-    slots = windows(config, plan)
-    for window, placed in zip(slots, place_virtio_mem(config.virtio_mem, plan)):
-        spec = placed.spec
+    for window, spec in zip(windows(config, plan), config.virtio_mem):
+        base = plan.get(spec.name).base  # placed by machine/plan.py (place_virtio_mem)
         discard = DiscardManager(spec.name, spec.size, spec.block)
         mapping = map_anonymous_huge(spec.size)
-        region = memory.add(GuestRegion(spec.name, placed.base, mapping, RegionKind.RAM,
+        region = memory.add(GuestRegion(spec.name, base, mapping, RegionKind.RAM,
                                         discard=discard))
         discard.add_listener(ReleasePages(mapping))
-        device = VirtioMem(spec.name, placed.base, discard, spec.requested)
+        device = VirtioMem(spec.name, base, discard, spec.requested)
         transport = MmioTransport(device, memory.memory, _interrupt(vm, window.gsi, devices))
         device.transport = transport
         platform.mmio.register(window.base, window.size, transport, window.name)

@@ -112,7 +112,7 @@ class GuestMemory:
         if region.readonly and not force:
             raise GuestError(f"guest address {address:#x} is in read-only region {region.name}")
         offset = address - region.base
-        if region.discard is not None and data and not self.holds(address, len(data)):
+        if region.discard is not None and data and not _holds(region, offset, len(data)):
             raise GuestError(f"guest address range [{address:#x}, +{len(data):#x}) is in "
                              f"memory {region.name} has given back (unplugged)")
         if offset + len(data) > region.mapping.writable_limit:
@@ -149,12 +149,7 @@ class GuestMemory:
             region = self.find(address, length)
         except GuestError:
             return False
-        if region.discard is None or length <= 0:
-            return True
-        block = region.discard.block_size
-        offset = address - region.base
-        first = offset // block * block
-        return region.discard.is_populated(first, -(-(offset + length) // block) * block - first)
+        return _holds(region, address - region.base, length)
 
     def populated_ranges(self) -> list[tuple[GuestRegion, int, int]]:
         """(region, offset, size) of every range that holds memory: whole regions, less what
@@ -189,3 +184,11 @@ class GuestMemory:
         self._regions.clear()
         self._bases.clear()
 
+
+def _holds(region: GuestRegion, offset: int, length: int) -> bool:
+    """Whether no block of [offset, offset + length) in ``region`` is discarded."""
+    if region.discard is None or length <= 0:
+        return True
+    block = region.discard.block_size
+    first = offset // block * block
+    return region.discard.is_populated(first, -(-(offset + length) // block) * block - first)
