@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "leanvm"
 LAYER = {
     "errors": 0, "abi": 0, "trace.events": 0, "fileio": 0, "version": 0,
     "kvm": 1, "memory": 1,
-    "devices": 2, "loader": 2, "firmware": 2, "layout": 2, "trace": 2,
+    "devices": 2, "loader": 2, "firmware": 2, "layout": 2, "trace": 2, "dump": 2,
     "machine": 3,
     "cli": 4, "__main__": 5,  # python -m leanvm: the very top
 }

@@ -1,0 +1,112 @@
+"""What a dump holds, as plain data: guest-physical memory runs, vCPU registers, the guest
+kernel's VMCOREINFO. The writers (elf.py, kdump.py) read only this."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from leanvm.errors import ConfigError
+
+PAGE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A segment or descriptor-table register: selector, base, limit and the descriptor's
+    attribute bits in the layout of its high dword (type at bit 8, S 12, DPL 13, P 15,
+    AVL 20, L 21, D/B 22, G 23), as QEMU's CPU-state note carries them."""
+
+    selector: int = 0
+    base: int = 0
+    limit: int = 0
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CpuState:
+    """One vCPU at the moment of the dump."""
+
+    index: int
+    regs: Mapping[str, int]  # rax .. r15, rip, rflags
+    segments: Mapping[str, Segment]  # cs ds es fs gs ss ldt tr gdt idt
+    cr: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # cr0 .. cr4 (cr1 reads 0)
+    efer: int = 0
+    kernel_gs_base: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRun:
+    """``len(data)`` bytes of guest-physical memory at ``paddr`` (page aligned, whole pages)."""
+
+    paddr: int
+    data: "memoryview | bytes"
+
+    @property
+    def end(self) -> int:
+        return self.paddr + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualRange:
+    """``size`` bytes at guest-virtual ``vaddr`` mapped to guest-physical ``paddr``."""
+
+    vaddr: int
+    paddr: int
+    size: int
+
+
+@dataclass(slots=True)
+class DumpSource:
+    """Everything a writer needs. ``runs`` are sorted and do not overlap; ``ram`` lists the
+    guest's RAM as (start, end) guest-physical ranges, populated or not (kdump's first
+    bitmap and the page count come from it)."""
+
+    runs: Sequence[MemoryRun]
+    cpus: Sequence[CpuState]
+    ram: Sequence[tuple[int, int]] = ()
+    vmcoreinfo: bytes | None = None  # the guest's "KEY=value\n" text
+    virtual: Sequence[VirtualRange] | None = None  # guest-virtual mappings (ELF paging)
+    notes: list[str] = field(default_factory=list)  # what the reader will miss, for the user
+
+    @property
+    def size(self) -> int:
+        return sum(len(run.data) for run in self.runs)
+
+    @property
+    def phys_base(self) -> int:
+        """Where the kernel was loaded relative to where it was linked, from VMCOREINFO's
+        NUMBER(phys_base) (x86-64 Linux), else 0."""
+        value = vmcoreinfo_value(self.vmcoreinfo, "NUMBER(phys_base)")
+        try:
+            return int(value, 0) if value is not None else 0
+        except ValueError:
+            return 0
+
+    @property
+    def release(self) -> str:
+        """The guest kernel's release (VMCOREINFO's OSRELEASE), or ''."""
+        return vmcoreinfo_value(self.vmcoreinfo, "OSRELEASE") or ""
+
+
+def vmcoreinfo_value(text: bytes | None, key: str) -> str | None:
+    if not text:
+        return None
+    match = re.search(rb"^" + re.escape(key.encode()) + rb"=([^\n]*)$", text, re.MULTILINE)
+    return match.group(1).decode("ascii", "replace") if match else None
+
+
+def clip(runs: Sequence[MemoryRun], begin: int, length: int) -> list[MemoryRun]:
+    """The parts of ``runs`` inside [begin, begin + length) (QEMU's begin/length filter),
+    page aligned."""
+    if begin < 0 or length <= 0 or begin % PAGE or length % PAGE:
+        raise ConfigError(f"dump filter begin={begin:#x} length={length:#x}: expected page-"
+                          "aligned values with a positive length")
+    end = begin + length
+    out = []
+    for run in runs:
+        low, high = max(run.paddr, begin), min(run.end, end)
+        if low < high:
+            out.append(MemoryRun(low, run.data[low - run.paddr:high - run.paddr]))
+    return out
