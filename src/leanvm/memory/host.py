@@ -33,7 +33,7 @@ def _libc() -> ctypes.CDLL:
 class HostMapping:
     """A range of this process's address space backing guest memory."""
 
-    __slots__ = ("address", "size", "writable", "shared", "path", "writable_limit")
+    __slots__ = ("address", "size", "writable", "shared", "path", "writable_limit", "overlays")
 
     def __init__(self, address: int, size: int, *, writable: bool, shared: bool,
                  path: str | None = None, writable_limit: int | None = None) -> None:
@@ -44,6 +44,9 @@ class HostMapping:
         self.path = path
         # bytes from the start that may be written (a flash bank's erased tail may not)
         self.writable_limit = (size if writable else 0) if writable_limit is None else writable_limit
+        # (offset, length) of file ranges mapped over anonymous memory (overlay_file): they
+        # hold the file's bytes even where no page of them is resident yet
+        self.overlays: list[tuple[int, int]] = []
 
     def __repr__(self) -> str:
         return (f"HostMapping(address={self.address:#x}, size={self.size:#x}, "
@@ -85,6 +88,7 @@ class HostMapping:
             if got != self.address + offset:
                 raise ConfigError(f"{path}: cannot map {length} bytes into guest memory: "
                                   f"{os.strerror(ctypes.get_errno())}")
+            self.overlays.append((offset, pages))
         finally:
             os.close(fd)
 

@@ -284,3 +284,61 @@ def _walk_legacy(ctx: PagingContext, address: int, access: str, read_entry: Entr
         raise _fault(ctx, address, access, user, pte, "page-table entry")
     return Translation((pte & 0xFFFFF000) | (address & 0xFFF), KiB4, bool(pde & RW & pte),
                        bool(pde & US & pte), True, tuple(entries))
+
+
+MAX_MAPPINGS = 1 << 20  # ranges a dump's enumeration keeps (a hostile guest's tables are bounded)
+
+
+def mappings(ctx: PagingContext, read_table: Callable[[int], bytes], *, limit: int,
+             max_ranges: int = MAX_MAPPINGS) -> list[tuple[int, int, int]]:
+    """Every present leaf mapping of the page tables as (virtual address, physical address,
+    size), contiguous ones merged, in virtual-address order; physical frames at or above
+    ``limit`` (past guest memory) are left out. Long mode walks the tables (4 KiB read at a
+    time through ``read_table``; tables it cannot read are skipped); with paging off the
+    mapping is the identity up to ``limit``. 32-bit paging is not enumerated (ValueError)."""
+    import struct
+
+    if ctx.mode is PagingMode.OFF:
+        return [(0, 0, limit)] if limit > 0 else []
+    if ctx.mode not in (PagingMode.LONG4, PagingMode.LONG5):
+        raise ValueError(f"guest-virtual dumps need long mode or paging off, not {ctx.mode.value}")
+    top = 57 if ctx.mode is PagingMode.LONG5 else 48
+    frame_mask = ((1 << ctx.phys_bits) - 1) & ~0xFFF
+    table_format = struct.Struct("<512Q")
+    out: list[list[int]] = []
+    visited: set[int] = set()
+
+    def add(vaddr: int, paddr: int, size: int) -> None:
+        if paddr >= limit:
+            return
+        size = min(size, limit - paddr)
+        if vaddr >> (top - 1) & 1:  # sign-extend into the canonical upper half
+            vaddr |= ~((1 << top) - 1) & ((1 << 64) - 1)
+        last = out[-1] if out else None
+        if last is not None and last[0] + last[2] == vaddr and last[1] + last[2] == paddr:
+            last[2] += size
+        elif len(out) < max_ranges:
+            out.append([vaddr, paddr, size])
+
+    def walk_table(table: int, shift: int, base: int) -> None:
+        if table in visited or table + 4096 > limit:  # loops and tables past memory
+            return
+        visited.add(table)
+        try:
+            entries = table_format.unpack(read_table(table))
+        except GuestError:
+            return
+        for index, entry in enumerate(entries):
+            if not entry & P:
+                continue
+            vaddr = base | (index << shift)
+            if shift == 12 or (shift in (21, 30) and entry & PS):
+                size = 1 << shift
+                add(vaddr, entry & frame_mask & ~(size - 1), size)
+            elif shift > 12:
+                walk_table(entry & frame_mask, shift - 9, vaddr)
+            if len(out) >= max_ranges:
+                return
+
+    walk_table(ctx.cr3 & frame_mask, top - 9, 0)
+    return [(v, p, n) for v, p, n in out]
