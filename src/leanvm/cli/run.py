@@ -172,6 +172,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--stats-json", type=Path, metavar="FILE",
                         help="write the run's figures as JSON to FILE (every field and unit: "
                              "docs/stats.md)")
+    from leanvm.cli.dumps import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(handler=handle)
 
 
@@ -206,14 +209,19 @@ def handle(args: argparse.Namespace) -> int:
         check_output_path(args.trace, "trace")
     if args.stats_json is not None:
         check_output_path(args.stats_json, "stats")
+    from leanvm.cli import dumps
+
+    dumps.check(args)
     with _terminating_signals(), Machine(config) as machine:
         _current.append(machine)
         try:
             if args.paused:
                 return _wait_paused(machine, args.quiet)
-            result = machine.run(timeout=args.timeout, until=args.until)
+            with dumps.signal_dumps(machine, args):
+                result = machine.run(timeout=args.timeout, until=args.until)
         finally:
             _current.remove(machine)
+        dumped = dumps.after_run(machine, result, args)
         if args.stats_json:
             _write_stats(args.stats_json, result)
         if not args.quiet:
@@ -226,7 +234,7 @@ def handle(args: argparse.Namespace) -> int:
             from leanvm.trace.render import table
 
             sys.stderr.write(table(machine.trace_events, machine.tracer.origin))
-    return result.exit_code
+    return result.exit_code if dumped or result.exit_code else 1
 
 
 def machine_config(args: argparse.Namespace) -> "MachineConfig":

@@ -74,6 +74,9 @@ MAX_FILE_NAME = 55
 ZERO_CHUNK = 1 << 20  # a hostile length never makes the VMM allocate more than this
 
 
+VMCOREINFO_FILE = "etc/vmcoreinfo"  # written by the guest kernel (QEMU docs/specs/vmcoreinfo.rst)
+VMCOREINFO_FORMAT_ELF = 1  # the address names an ELF note "VMCOREINFO"
+
 class Item(NamedTuple):
     data: "bytearray | memoryview"  # read-only items may be views of mapped files
     writable: bool

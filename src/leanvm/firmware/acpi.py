@@ -120,6 +120,7 @@ class AcpiPlatform(NamedTuple):
     pm_timer_length: int = 4
     century: int = 0x32  # CMOS index of the century byte
     virtio_mmio: tuple[tuple[int, int, int], ...] = ()  # (base, size, GSI) of each window
+    fw_cfg_port: int | None = None  # QEMU fw_cfg's I/O ports (12 with DMA), for Linux's driver
 
 
 class AcpiTables(NamedTuple):
@@ -241,10 +242,29 @@ def virtio_devices(windows: tuple[tuple[int, int, int], ...]) -> bytes:
     return aml_scope("_SB", devices) if devices else b""
 
 
+FW_CFG_HID = "QEMU0002"  # the id Linux's qemu_fw_cfg driver matches
+FW_CFG_PORTS = 0x0C  # selector, data, DMA address (QEMU docs/specs/fw_cfg.rst)
+IO_PORT = 0x47  # small item: I/O port descriptor, 7 bytes
+IO_DECODE16 = 1
+
+
+def fw_cfg_device(port: int) -> bytes:
+    """Device (FWCF) { _HID "QEMU0002", _STA 0x0B, _CRS IO (Decode16, port, port, 1, 12) },
+    as QEMU's DSDT describes fw_cfg."""
+    if not 0 <= port <= 0xFFFF - FW_CFG_PORTS:
+        raise ValueError(f"fw_cfg port {port:#x} does not fit 16 bits")
+    crs = struct.pack("<BBHHBB", IO_PORT, IO_DECODE16, port, port, 1, FW_CFG_PORTS) + END_TAG
+    return aml_device("FWCF", aml_name("_HID", aml_string(FW_CFG_HID))
+                      + aml_name("_STA", aml_integer(0x0B))  # present, enabled, functioning
+                      + aml_name("_CRS", aml_buffer(crs)))
+
+
 def dsdt(platform: AcpiPlatform) -> bytes:
     # \_S5: Package { PM1a_CNT.SLP_TYP, PM1b_CNT.SLP_TYP, reserved, reserved }
     s5 = aml_name("_S5", aml_package([platform.s5_sleep_type, platform.s5_sleep_type, 0, 0]))
-    return _table(b"DSDT", DSDT_REVISION, s5 + virtio_devices(platform.virtio_mmio))
+    fw_cfg = (aml_scope("_SB", fw_cfg_device(platform.fw_cfg_port))
+              if platform.fw_cfg_port is not None else b"")
+    return _table(b"DSDT", DSDT_REVISION, s5 + virtio_devices(platform.virtio_mmio) + fw_cfg)
 
 
 # --- tables -------------------------------------------------------------------------------

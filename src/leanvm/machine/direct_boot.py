@@ -156,7 +156,7 @@ def write_acpi_tables(memory: "GuestMemory", cpus: int,
         pm_timer_port=base + acpi_pm.PM_TMR_OFFSET, sci_irq=IRQ["acpi-pm"],
         s5_sleep_type=acpi_pm.SLP_TYP_S5, pm1_event_length=acpi_pm.PM1_EVT_LEN,
         pm1_control_length=acpi_pm.PM1_CNT_LEN, pm_timer_length=acpi_pm.PM_TMR_LEN,
-        virtio_mmio=virtio_mmio)
+        virtio_mmio=virtio_mmio, fw_cfg_port=PORT["fw_cfg"].base)
     tables = build_acpi_tables(ACPI_TABLES_BASE, platform)
     memory.write(tables.base, tables.blob)
     return tables.rsdp_address

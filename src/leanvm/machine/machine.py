@@ -26,6 +26,8 @@ from leanvm.trace.events import Tracer
 
 if TYPE_CHECKING:
     import re
+    from collections.abc import Callable
+    from pathlib import Path
 
     from leanvm.kvm.vcpu import Vcpu
     from leanvm.machine.flusher import RingFlusher
@@ -52,6 +54,10 @@ class Machine(VmParts):
             from leanvm.machine.vcpus import GroupControl
 
             self._control = GroupControl()
+        from leanvm.machine.pause import PauseGate
+
+        self.pause_gate = self._control.gate = PauseGate()  # live dumps hold the vCPUs here
+        self._dumps: list[Any] = []  # live dumps being written (waited for at close)
         self._resources = Resources()  # closed by close(), or when the Machine is collected
         self._finalizer = weakref.finalize(self, self._resources.leaked,
                                            repr(config.name or "unnamed"))
@@ -222,6 +228,33 @@ class Machine(VmParts):
         self._control.request(Stop(StopReason.GUEST_EXIT,
                                    f"the guest exited with status {status}", status))
 
+    # --- dumps ---------------------------------------------------------------------------
+    @property
+    def loop_control(self) -> LoopControl:
+        return self._control
+
+    def dump(self, path: "str | Path", format: str = "elf", *, paging: bool = False,
+             begin: int | None = None, length: int | None = None, wait: bool = True,
+             progress: "Callable[[int], None] | None" = None) -> Any:
+        """Write the guest's memory to ``path``: ``format`` "elf" or "kdump-zlib", "kdump-lzo",
+        "kdump-snappy", "kdump-zstd" (flattened, as QEMU's) or "kdump-raw-..."; ``paging``
+        (elf): guest-virtual addresses from vCPU 0's page tables; ``begin``/``length``
+        (elf): only that guest-physical range. A running VM goes on running while the
+        dump is written (it is held for milliseconds, machine/dump.py); ``wait=False``
+        returns the LiveDump at once. The DumpResult (docs/dump.md)."""
+        from leanvm.machine.dump import DumpRequest, dump_live, dump_stopped
+
+        request = DumpRequest(path, format, paging=paging, begin=begin, length=length)
+        if self.state is RunState.CREATED:
+            self.build()
+        if self.state is RunState.CLOSED:
+            raise LeanvmError("cannot dump a closed machine")
+        if self.state is not RunState.RUNNING or not self._control.running():
+            return dump_stopped(self, request, progress)
+        job = dump_live(self, request, progress)
+        self._dumps = [d for d in self._dumps if not d.done()] + [job]
+        return job.wait() if wait else job
+
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
         """Give back everything the VM holds (vCPU, VM and /dev/kvm descriptors, guest
@@ -230,6 +263,12 @@ class Machine(VmParts):
         if self.state is RunState.CLOSED:
             return
         self._finalizer.detach()
+        for job in self._dumps:  # a live dump's child holds its own copy: let it finish
+            try:
+                job.wait()
+            except LeanvmError:
+                pass  # reported to whoever waits for it
+        self._dumps.clear()
         if self.result is not None and self.result.source is not None:
             self.result.source.freeze()
         self._resources.close()

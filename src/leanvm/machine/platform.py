@@ -261,6 +261,11 @@ def firmware_config(plan: MemoryMap, memory: GuestMemory, cpus: int,
     anchor, tables = smbios_tables()
     config.add_file("etc/smbios/smbios-anchor", anchor)
     config.add_file("etc/smbios/smbios-tables", tables)
+    # QEMU's vmcoreinfo device: Linux's qemu_fw_cfg driver writes where its VMCOREINFO note
+    # is (dumps read it from there, machine/dump.py): le16 host_format (1: ELF note),
+    # le16 guest_format, le32 size, le64 guest-physical address
+    config.add_file(fw.VMCOREINFO_FILE, struct.pack("<HHIQ", fw.VMCOREINFO_FORMAT_ELF, 0, 0, 0),
+                    writable=True)
     return config
 
 

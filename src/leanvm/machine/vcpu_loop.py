@@ -22,6 +22,7 @@ from leanvm.kvm.vcpu import EXIT_HEADER, Vcpu
 
 if TYPE_CHECKING:
     from leanvm.kvm.coalesced import CoalescedRing
+    from leanvm.machine.pause import PauseGate
 
 
 class StopReason(Enum):
@@ -100,7 +101,7 @@ class LoopControl:
     signal, which interrupts KVM_RUN even for a guest that never exits on its own."""
 
     __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns",
-                 "_lock", "_running", "counts", "ring")
+                 "_lock", "_running", "counts", "ring", "gate")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
@@ -113,6 +114,8 @@ class LoopControl:
         self.on_emulation_failure: Callable[[Vcpu, ex.InternalError], bool] | None = None
         # Called with the vCPU when a kick interrupted KVM_RUN without a stop (the sampler).
         self.on_interrupt: Callable[[Vcpu], None] | None = None
+        # Where a kicked vCPU waits while the VMM holds every vCPU still (machine/pause.py)
+        self.gate: "PauseGate | None" = None
         self._lock = threading.Lock()
         # vCPU id -> (thread ident, vCPU, undo of its kick binding) while its loop runs
         self._running: dict[int, tuple[int, Vcpu, Callable[[], None]]] = {}
@@ -138,6 +141,11 @@ class LoopControl:
             entry = self._running.pop(vcpu.id, None)
         if entry is not None:
             entry[2]()
+
+    def running(self) -> dict[int, int]:
+        """vCPU id -> thread ident of every vCPU whose loop runs now."""
+        with self._lock:
+            return {index: entry[0] for index, entry in self._running.items()}
 
     def kick(self, vcpu_id: int | None = None) -> None:
         """Interrupt the KVM_RUN of every running vCPU (or of ``vcpu_id``) once; each loop
@@ -241,6 +249,9 @@ def _decoded_exit(vcpu: Vcpu, exit_: ex.Exit, pio: Bus, mmio: Bus, control: Loop
 
 def _other_exit(vcpu: Vcpu, exit_: ex.Exit, control: LoopControl) -> Stop | None:
     if isinstance(exit_, ex.Interrupted):
+        gate = control.gate
+        if gate is not None:
+            gate.park(vcpu)  # held still while the VMM copies the VM (a live dump)
         hook = control.on_interrupt
         if hook is not None:
             hook(vcpu)

@@ -142,6 +142,7 @@ def run_vcpus(vcpus: "list[Vcpu]", pio: "Bus", mmio: "Bus", control: GroupContro
         member.on_emulation_failure = locked
         member.on_interrupt = control.on_interrupt
         member.ring = control.ring  # one queue for the VM: each vCPU empties it in turn
+        member.gate = control.gate
     control.attach(members)
     errors: list[BaseException] = []
 
