@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from leanvm.abi import elf as abi
 from leanvm.dump.elf import write_elf
@@ -207,3 +209,39 @@ def test_makedumpfile_reassembles_our_flattened_file_into_our_raw_file(tmp_path:
     mine = raw.getvalue()
     # the timestamps differ by the time between the two writes
     assert rebuilt[:408] == mine[:408] and rebuilt[424:] == mine[424:]
+
+
+def kdump_bytes(src: DumpSource) -> bytes:
+    out = io.BytesIO()
+    write_kdump(src, out, Compression.ZLIB)
+    return out.getvalue()
+
+
+def uts_source(blob: bytes, symbol: str = "ffffffff81000100") -> DumpSource:
+    """A guest whose init_uts_ns (at physical 0x1000100, phys_base 0) holds ``blob``."""
+    memory = bytearray(0x2000)
+    memory[0x100:0x100 + len(blob)] = blob[:0x2000 - 0x100]
+    info = (f"OSRELEASE=6.1.0-test\nSYMBOL(init_uts_ns)={symbol}\n"
+            "OFFSET(uts_namespace.name)=0\nNUMBER(phys_base)=0\n").encode()
+    return DumpSource(runs=[MemoryRun(0x1000000, memoryview(bytes(memory)))], cpus=[cpu(0)],
+                      ram=[(0, 0x2000000)], vmcoreinfo=info)
+
+
+def test_the_kdump_header_carries_the_guests_own_utsname() -> None:
+    names = [b"Linux", b"sandbox-7", b"6.1.0-test", b"#1 SMP", b"x86_64", b"(none)"]
+    header = HEADER.unpack_from(kdump_bytes(uts_source(b"".join(n.ljust(65, b"\0")
+                                                                 for n in names))))
+    assert [field.rstrip(b"\0") for field in header[2:8]] == names
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=6 * 65 + 8),
+       symbol=st.sampled_from(["ffffffff81000100", "ffffffff81001ff0", "ffffffffffffffff",
+                               "0", "zz", "ffffffff80000000"]))
+def test_a_hostile_utsname_gives_fixed_size_placeholders(blob: bytes, symbol: str) -> None:
+    """Whatever the guest left there, the header gets six NUL-terminated 65-byte strings,
+    every one non-empty (libkdumpfile's sanity rule), and sysname "Linux"."""
+    header = HEADER.unpack_from(kdump_bytes(uts_source(blob, symbol)))
+    fields = header[2:8]
+    assert all(len(f) == 65 and f[-1] == 0 and f[0] != 0 for f in fields)
+    assert fields[0].rstrip(b"\0") == b"Linux"

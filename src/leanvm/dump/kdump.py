@@ -36,7 +36,7 @@ from enum import Enum
 from typing import Protocol
 
 from leanvm.dump.cpu_notes import notes
-from leanvm.dump.source import PAGE, DumpSource
+from leanvm.dump.source import PAGE, UTS_FIELDS, DumpSource, utsname
 from leanvm.errors import ConfigError
 
 
@@ -185,6 +185,18 @@ def write_kdump(source: DumpSource, out: Sink, method: Compression, *, flat: boo
     return cursor
 
 
+def header_utsname(source: DumpSource) -> list[bytes]:
+    """The header's six utsname strings: the guest's own (init_uts_ns in the dump) where
+    VMCOREINFO leads to it, else Linux's placeholders, "(none)" as an unset hostname reads.
+    libkdumpfile (drgn) takes the architecture from here only when every one but the
+    domain name is non-empty."""
+    found = utsname(source) or {}
+    fallback = {"sysname": b"Linux", "nodename": b"(none)",
+                "release": source.release.encode() or b"unknown", "version": b"unknown",
+                "machine": b"x86_64", "domainname": b"(none)"}
+    return [found.get(name, b"")[:64] or fallback[name][:64] for name in UTS_FIELDS]
+
+
 def _write_headers(source: DumpSource, writer: "_Raw | _Flat",
                    method: Compression) -> tuple[int, int]:
     """Header, sub-header with the notes, both bitmaps; (descriptors' offset, data's)."""
@@ -198,9 +210,9 @@ def _write_headers(source: DumpSource, writer: "_Raw | _Flat",
     note_offset = PAGE + SUB_HEADER.size
     desc_offset = (1 + sub_hdr_blocks + bitmap_blocks) * PAGE
     now = time.time()
-    # nodename stays empty: the guest's hostname is not the VMM's to know
-    header = HEADER.pack(SIGNATURE, HEADER_VERSION, b"Linux", b"", source.release.encode()[:64],
-                         b"", b"x86_64", b"", int(now), int(now % 1 * 1e6), method.flag, PAGE,
+    uts = header_utsname(source)
+    header = HEADER.pack(SIGNATURE, HEADER_VERSION, *uts, int(now), int(now % 1 * 1e6),
+                         method.flag, PAGE,
                          sub_hdr_blocks, bitmap_blocks, min(max_mapnr, 0xFFFFFFFF), count,
                          0, 0, 0, len(source.cpus))
     vmci_offset = note_offset + vmcoreinfo_at if vmcoreinfo_at is not None else 0

@@ -90,6 +90,43 @@ class DumpSource:
         return vmcoreinfo_value(self.vmcoreinfo, "OSRELEASE") or ""
 
 
+START_KERNEL_MAP = 0xFFFFFFFF80000000  # x86-64 Linux: where the kernel image is linked
+UTS_FIELD = 65  # each string of struct new_utsname
+UTS_FIELDS = ("sysname", "nodename", "release", "version", "machine", "domainname")
+
+
+def utsname(source: DumpSource) -> dict[str, bytes] | None:
+    """The guest's own struct new_utsname (init_uts_ns, found through VMCOREINFO's SYMBOL
+    and OFFSET and NUMBER(phys_base)), read from the dumped memory; None when VMCOREINFO
+    or the memory is missing or what is there is not a utsname (a hostile guest's text is
+    data: it only lands in the kdump header's fixed-size fields)."""
+    symbol = vmcoreinfo_value(source.vmcoreinfo, "SYMBOL(init_uts_ns)")
+    offset = vmcoreinfo_value(source.vmcoreinfo, "OFFSET(uts_namespace.name)") or "0"
+    try:
+        vaddr = int(symbol, 16) + int(offset, 0) if symbol is not None else None
+    except ValueError:
+        return None
+    if vaddr is None or not START_KERNEL_MAP <= vaddr < 1 << 64:
+        return None
+    raw = read_physical(source.runs, vaddr - START_KERNEL_MAP + source.phys_base,
+                        UTS_FIELD * len(UTS_FIELDS))
+    if raw is None:
+        return None
+    fields = {name: raw[i * UTS_FIELD:(i + 1) * UTS_FIELD] for i, name in enumerate(UTS_FIELDS)}
+    if fields["sysname"].split(b"\0", 1)[0] != b"Linux" or any(
+            b"\0" not in value for value in fields.values()):
+        return None
+    return {name: value.split(b"\0", 1)[0] for name, value in fields.items()}
+
+
+def read_physical(runs: Sequence[MemoryRun], address: int, size: int) -> bytes | None:
+    """``size`` bytes at guest-physical ``address`` if one run holds them all, else None."""
+    for run in runs:
+        if run.paddr <= address and address + size <= run.end:
+            return bytes(run.data[address - run.paddr:address - run.paddr + size])
+    return None
+
+
 def vmcoreinfo_value(text: bytes | None, key: str) -> str | None:
     if not text:
         return None

@@ -1,0 +1,175 @@
+"""Dumps of a Linux guest, read by the tools kernel developers use: crash (ELF and kdump in
+every compression, raw and flattened) prints the kernel's log, `sys` and `ps`; makedumpfile
+prints the log from the kdump file; drgn reads init_task.comm and the printk buffer; gdb
+reads kernel symbols through the paging ELF's virtual addresses.
+
+Here the minimal kernel is dumped live after "Run /init" (its init spins in user mode: this
+host's KVM drops guest system calls); on a real KVM (make test-nested) a shell is running,
+and crash's `ps` shows it. One boot serves each module's tests (about 35 s here).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from leanvm.machine.machine import Machine
+
+pytestmark = pytest.mark.slow
+CMDLINE = "console=ttyS0 rodata=off"
+RUN_INIT = b"Run /init as init process"
+INIT_EXEC = 5  # s after that line: /init has replaced the kernel thread (pid 1's comm)
+KDUMPS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-zstd",
+          "kdump-raw-zlib", "kdump-raw-lzo", "kdump-raw-snappy", "kdump-raw-zstd")
+MAKEDUMPFILE_READS = ("kdump-raw-zlib", "kdump-raw-lzo")  # Debian's build: lzo, no snappy/zstd
+DRGN = """
+import sys, drgn
+from drgn.helpers.linux.printk import get_dmesg
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[2])
+prog.load_debug_info([sys.argv[1]])
+print("comm=" + prog["init_task"].comm.string_().decode())
+print("dmesg-has-run-init=" + str(b"Run /init" in get_dmesg(prog)))
+"""
+
+
+class Dumps(NamedTuple):
+    vmlinux: Path
+    files: dict[str, Path]  # format (and "paging") -> file
+    results: dict[str, object]
+    console: str
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (make test installs it: scripts/install-deps)")
+
+
+def take_dumps(vm: Machine, out: Path) -> tuple[dict[str, Path], dict[str, object]]:
+    files, results = {}, {}
+    for fmt in ("elf", *KDUMPS):
+        files[fmt] = out / f"vmcore.{fmt}"
+        results[fmt] = vm.dump(files[fmt], fmt)
+    files["paging"] = out / "vmcore.paging.elf"
+    results["paging"] = vm.dump(files["paging"], "elf", paging=True)
+    return files, results
+
+
+@pytest.fixture(scope="module")
+def dumps(minimal_kernel: Path, spin_initrd: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dumps]:
+    out = tmp_path_factory.mktemp("linux-dumps")
+    with Machine(kernel=minimal_kernel, initrd=spin_initrd, cmdline=CMDLINE,
+                 memory="512M") as vm:
+        vm.start(timeout=600)
+        vm.wait_for_console(RUN_INIT, timeout=540)
+        time.sleep(INIT_EXEC)  # the kernel prints the line before it execs /init
+        files, results = take_dumps(vm, out)
+        console = vm.console.decode(errors="replace")
+        vm.stop("the dumps are written")
+        vm.wait(60)
+    yield Dumps(minimal_kernel.with_name("vmlinux"), files, results, console)
+
+
+def crash(vmlinux: Path, core: Path, commands: str = "sys\nps\nlog\n") -> str:
+    done = subprocess.run(["crash", "-s", str(vmlinux), str(core)], input=commands + "quit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"crash failed on {core.name}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def drgn(vmlinux: Path, core: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", DRGN, str(vmlinux), str(core)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"drgn failed on {core.name}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def test_the_guest_published_vmcoreinfo_and_dumps_hold_what_it_holds(dumps: Dumps) -> None:
+    elf = dumps.results["elf"]
+    for fmt, result in dumps.results.items():
+        assert result.vmcoreinfo, f"{fmt}: no VMCOREINFO ({result.notes})"  # type: ignore[attr-defined]
+        assert result.pause_ms < 50, f"{fmt}: the guest was held {result.pause_ms:.1f} ms"  # type: ignore[attr-defined]
+    # the ELF holds the populated memory plus headers and notes: within 1 %
+    assert elf.memory <= elf.size <= elf.memory * 1.01 + 65536  # type: ignore[attr-defined]
+    assert elf.memory < 64 << 20  # a 512 MiB guest that touched tens of MiB  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fmt", ("elf", "paging", *KDUMPS))
+def test_crash_prints_the_kernels_log_sys_and_ps(dumps: Dumps, fmt: str) -> None:
+    need("crash")
+    text = crash(dumps.vmlinux, dumps.files[fmt])
+    assert re.search(r"RELEASE: 6\.1\.\d+-leanvm-minimal", text), text
+    assert "Run /init as init process" in text  # log: the kernel's own ring buffer
+    assert re.search(r"^\s*0\s+0\s+0\s+\w+\s+RU.*\[swapper/0\]$", text, re.M), text  # ps
+    assert re.search(r"^>?\s*1\s+0\s+0\s+\w+\s+\w\w.*\binit$", text, re.M), text
+
+
+@pytest.mark.parametrize("fmt", (*MAKEDUMPFILE_READS, "elf"))
+def test_makedumpfile_prints_the_log_from_vmcoreinfo_alone(dumps: Dumps, fmt: str,
+                                                           tmp_path: Path) -> None:
+    need("makedumpfile")
+    out = tmp_path / "dmesg.txt"
+    done = subprocess.run(["makedumpfile", "--dump-dmesg", str(dumps.files[fmt]), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Run /init as init process" in out.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("fmt", ("elf", "paging", "kdump-raw-zlib", "kdump-raw-lzo",
+                                 "kdump-raw-snappy", "kdump-raw-zstd", "kdump-zlib"))
+def test_drgn_reads_init_task_and_the_printk_buffer(dumps: Dumps, fmt: str) -> None:
+    pytest.importorskip("drgn", reason="drgn is not installed (make test installs it)")
+    text = drgn(dumps.vmlinux, dumps.files[fmt])
+    assert "comm=swapper/0" in text and "dmesg-has-run-init=True" in text, text
+
+
+def test_gdb_reads_kernel_variables_through_the_paging_dump(dumps: Dumps) -> None:
+    need("gdb")
+    done = subprocess.run(["gdb", "-batch", "-nx", "-ex", "print init_task.comm", "-ex",
+                           "x/s linux_banner", str(dumps.vmlinux), str(dumps.files["paging"])],
+                          capture_output=True, text=True, timeout=300)
+    assert '"swapper/0' in done.stdout, done.stdout + done.stderr  # the guest's, not vmlinux's
+    assert "Linux version 6.1" in done.stdout
+
+
+@pytest.mark.userspace
+def test_crash_and_drgn_see_a_running_shell_on_a_real_kvm(minimal_kernel: Path,
+                                                         busybox_initrd: Path,
+                                                         tmp_path: Path) -> None:
+    from leanvm.machine.host_check import check_host
+
+    finding = check_host()
+    if finding.error or finding.needs_fallback:
+        pytest.skip("this host's KVM cannot run guest user space; make test runs this on a "
+                    "real KVM in L1 (make test-nested, docs/nested.md)")
+    need("crash")
+    with Machine(kernel=minimal_kernel, initrd=busybox_initrd, memory="256M",
+                 cmdline=CMDLINE + " rdinit=/bin/sh") as vm:
+        vm.start(timeout=600)
+        vm.wait_for_console(re.compile(rb"[#$] (\x1b\[6n)?$"), timeout=540)
+        vm.send_input(b"sleep 1000 &\n")
+        vm.wait_for_console(re.compile(rb"\[1\] \d+"), timeout=60)
+        elf = vm.dump(tmp_path / "vmcore.elf", "elf")
+        kdump = vm.dump(tmp_path / "vmcore.kdump", "kdump-raw-zlib")
+        vm.send_input(b"poweroff -f\n")
+        vm.wait(60)
+    vmlinux = minimal_kernel.with_name("vmlinux")
+    for result in (elf, kdump):
+        text = crash(vmlinux, result.path)
+        assert re.search(r"^>?\s*1\s+0\s+0\s+\w+\s+\w\w.*\bsh$", text, re.M), text
+        assert re.search(r"\bsleep$", text, re.M), text
+        assert "Run /init as init process" in text
+    if shutil.which("makedumpfile"):
+        out = tmp_path / "dmesg.txt"
+        subprocess.run(["makedumpfile", "--dump-dmesg", str(kdump.path), str(out)], check=True,
+                       capture_output=True, timeout=300)
+        assert "Run /init as init process" in out.read_text(errors="replace")
