@@ -225,14 +225,25 @@ def _vmcoreinfo_record(machine: "Machine") -> bytes | None:
 
 def dump_stopped(machine: "Machine", request: DumpRequest,
                  progress: Callable[[int], None] | None = None) -> DumpResult:
-    """Dump a VM whose vCPUs do not run (built, or stopped), in this process."""
-    start = time.monotonic()
+    """Dump a VM whose vCPUs do not run (built, or stopped). A forked child writes it, as
+    for a running VM: reading guest memory then maps nothing into this process (the pages
+    of a file overlaid on RAM that the guest never touched would otherwise be mapped in)."""
+    started = time.monotonic()
+    _preload(request)
     cpus = [cpu_state(vcpu) for vcpu in machine.vcpus]
-    source = build_source(machine, cpus, _vmcoreinfo_record(machine), request)
-    size, memory = write_source(source, request, progress)
-    return DumpResult(request.path, request.format, size, memory, 0.0,
-                      time.monotonic() - start, source.vmcoreinfo is not None,
-                      tuple(source.notes))
+    record = _vmcoreinfo_record(machine)
+    reader, writer = os.pipe()
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(reader)
+        os.close(writer)
+        raise
+    if pid == 0:  # the child never returns from here
+        os.close(reader)
+        _child(machine, cpus, record, request, writer)
+    os.close(writer)
+    return LiveDump(pid, reader, request, 0.0, started, progress).wait()
 
 
 class LiveDump:
