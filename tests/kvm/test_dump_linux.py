@@ -86,6 +86,24 @@ def crash(vmlinux: Path, core: Path, commands: str = "sys\nps\nlog\n") -> str:
     return done.stdout
 
 
+TASKS = """
+import sys, drgn
+from drgn.helpers.linux.pid import for_each_task
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[2])
+prog.load_debug_info([sys.argv[1]])
+for task in for_each_task(prog):
+    print(int(task.pid), task.comm.string_().decode())
+"""
+
+
+def drgn_tasks(vmlinux: Path, core: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", TASKS, str(vmlinux), str(core)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"drgn failed on {core.name}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
 def drgn(vmlinux: Path, core: Path) -> str:
     done = subprocess.run([sys.executable, "-c", DRGN, str(vmlinux), str(core)],
                           capture_output=True, text=True, timeout=300)
@@ -142,9 +160,8 @@ def test_gdb_reads_kernel_variables_through_the_paging_dump(dumps: Dumps) -> Non
 
 
 @pytest.mark.userspace
-def test_crash_and_drgn_see_a_running_shell_on_a_real_kvm(minimal_kernel: Path,
-                                                         busybox_initrd: Path,
-                                                         tmp_path: Path) -> None:
+def test_crash_and_drgn_read_a_guest_running_a_shell_on_a_real_kvm(
+        minimal_kernel: Path, busybox_initrd: Path, tmp_path: Path) -> None:
     from leanvm.machine.host_check import check_host
 
     finding = check_host()
@@ -156,8 +173,8 @@ def test_crash_and_drgn_see_a_running_shell_on_a_real_kvm(minimal_kernel: Path,
                  cmdline=CMDLINE + " rdinit=/bin/sh") as vm:
         vm.start(timeout=600)
         vm.wait_for_console(re.compile(rb"[#$] (\x1b\[6n)?$"), timeout=540)
-        vm.send_input(b"sleep 1000 &\n")
-        vm.wait_for_console(re.compile(rb"\[1\] \d+"), timeout=60)
+        vm.send_input(b"sleep 1000 & echo started-$((6 * 7))\n")
+        vm.wait_for_console("started-42", timeout=60)
         elf = vm.dump(tmp_path / "vmcore.elf", "elf")
         kdump = vm.dump(tmp_path / "vmcore.kdump", "kdump-raw-zlib")
         vm.send_input(b"poweroff -f\n")
@@ -165,11 +182,14 @@ def test_crash_and_drgn_see_a_running_shell_on_a_real_kvm(minimal_kernel: Path,
     vmlinux = minimal_kernel.with_name("vmlinux")
     for result in (elf, kdump):
         text = crash(vmlinux, result.path)
-        assert re.search(r"^>?\s*1\s+0\s+0\s+\w+\s+\w\w.*\bsh$", text, re.M), text
-        assert re.search(r"\bsleep$", text, re.M), text
-        assert "Run /init as init process" in text
+        assert re.search(r"RELEASE: 6\.1\.\d+-leanvm-minimal", text), text
+        assert "Run /bin/sh as init process" in text
+        # crash 8.0.2 lists only the tasks on a CPU here (its PID walk finds no other on
+        # this kernel; docs/dump.md): drgn walks the task list
+        tasks = drgn_tasks(vmlinux, result.path)
+        assert "1 sh" in tasks and re.search(r"^\d+ sleep$", tasks, re.M), tasks
     if shutil.which("makedumpfile"):
         out = tmp_path / "dmesg.txt"
         subprocess.run(["makedumpfile", "--dump-dmesg", str(kdump.path), str(out)], check=True,
                        capture_output=True, timeout=300)
-        assert "Run /init as init process" in out.read_text(errors="replace")
+        assert "Run /bin/sh as init process" in out.read_text(errors="replace")
