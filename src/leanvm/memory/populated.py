@@ -6,8 +6,8 @@ them (reading would fault them in)."""
 from __future__ import annotations
 
 from leanvm.memory.host import PAGE_SIZE
+from leanvm.memory.residency import pagemap_chunks
 
-_CHUNK_PAGES = 1 << 16  # 512 KiB of pagemap per read
 # byte 7 of an entry (its top byte, little-endian) -> 1 where present (0x80) or swapped (0x40)
 _HELD = bytes(1 if b & 0xC0 else 0 for b in range(256))
 
@@ -15,13 +15,9 @@ _HELD = bytes(1 if b & 0xC0 else 0 for b in range(256))
 def held_runs(address: int, size: int, pid: int | str = "self") -> list[tuple[int, int]]:
     """(offset, length) runs of pages in [address, address + size) that hold memory,
     offsets from ``address`` (page aligned), in order, adjacent pages merged."""
-    first, pages = address // PAGE_SIZE, -(-size // PAGE_SIZE)
     runs: list[tuple[int, int]] = []
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
-        for start in range(0, pages, _CHUNK_PAGES):
-            n = min(_CHUNK_PAGES, pages - start)
-            pagemap.seek((first + start) * 8)
-            raw = pagemap.read(n * 8)
+        for start, raw in pagemap_chunks(pagemap, address, size):
             flags = raw[7::8].translate(_HELD)
             at = flags.find(1)
             while at >= 0:

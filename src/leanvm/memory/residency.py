@@ -13,8 +13,8 @@ apart (smaps cannot do that).
 from __future__ import annotations
 
 import array
-from typing import NamedTuple
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, NamedTuple
 
 from leanvm.memory.host import PAGE_SIZE
 
@@ -47,18 +47,25 @@ def count_pages(entries: Iterable[int]) -> tuple[int, int]:
     return present, owned
 
 
+def pagemap_chunks(pagemap: BinaryIO, address: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """(first page's index from ``address``, raw 64-bit entries) of the pages of
+    [address, address + size), 512 KiB of pagemap at a time."""
+    first, pages = address // PAGE_SIZE, -(-size // PAGE_SIZE)
+    for start in range(0, pages, _CHUNK_PAGES):
+        n = min(_CHUNK_PAGES, pages - start)
+        pagemap.seek((first + start) * 8)
+        yield start, pagemap.read(n * 8)
+
+
 def measure(regions: Iterable[tuple[str, int, int]], pid: int | str = "self") -> list[Residency]:
     """Residency of each (name, host address, size) range of process ``pid``."""
     result = []
     with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
         for name, address, size in regions:
-            first, pages = address // PAGE_SIZE, -(-size // PAGE_SIZE)
             present = exclusive = 0
-            for start in range(0, pages, _CHUNK_PAGES):
-                n = min(_CHUNK_PAGES, pages - start)
-                pagemap.seek((first + start) * 8)
+            for _, raw in pagemap_chunks(pagemap, address, size):
                 entries = array.array("Q")
-                entries.frombytes(pagemap.read(n * 8))
+                entries.frombytes(raw)
                 p, e = count_pages(entries)
                 present, exclusive = present + p, exclusive + e
             result.append(Residency(name, size, present * PAGE_SIZE, exclusive * PAGE_SIZE))
