@@ -6,6 +6,8 @@
      +-- ImageError     a guest image (binary, ELF, firmware) cannot be used as given
      +-- GuestError     the guest did something invalid (touched memory it does not have)
      +-- DeviceError    a device model was wired or used wrongly by the VMM itself
+     +-- QmpError       a QMP command failed (QEMU's error class and description), in
+                        process (Machine.execute) or from a QMP server (leanvm qmp)
 
 The CLI prints ``str(error)`` as one line; every message says what was wrong and, where
 it can, what to do about it.
@@ -48,3 +50,13 @@ class GuestError(LeanvmError):
 
 class DeviceError(LeanvmError):
     """A device or bus was wired wrongly (overlapping ranges, bad sizes)."""
+
+
+class QmpError(LeanvmError):
+    """A QMP command failed: ``error_class`` is QEMU's (GenericError, CommandNotFound,
+    DeviceNotFound, ...), ``desc`` its description."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class

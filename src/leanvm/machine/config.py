@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from leanvm.errors import ConfigError
+from leanvm.machine.qmp.address import QmpAddress, parse_qmp_address
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _UNITS = {"B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}  # bare numbers: default_unit
@@ -172,7 +173,7 @@ class MachineConfig:
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
                  "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io", "tsc_khz",
-                 "virtio_mem", "virtio_discovery")
+                 "virtio_mem", "virtio_discovery", "qmp")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -189,9 +190,8 @@ class MachineConfig:
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
                  symbols: Path | str | None = None, name: str = "", coalesced_io: bool = True,
                  tsc_khz: int | None = None, virtio_mem: "tuple[VirtioMemSpec | str, ...]" = (),
-                 virtio_discovery: str = "acpi") -> None:
-        self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes; None:
-        # no memory beyond RAM; hotplug slots
+                 virtio_discovery: str = "acpi", qmp: "str | QmpAddress | None" = None) -> None:
+        self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes, bytes|None, n
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
         self.pa_bits: int | None = _pa_bits(pa_bits)  # None: from the vCPU's CPUID
         self.layout: tuple[tuple[str, str], ...] = tuple(layout)  # memory-map switches
@@ -233,6 +233,7 @@ class MachineConfig:
         self.tsc_khz: int | None = _tsc_khz(tsc_khz)  # None: the host's TSC frequency
         # virtio-mem devices; how Linux finds virtio-mmio devices (machine/virtio.py)
         self.virtio_mem, self.virtio_discovery = _virtio(virtio_mem, virtio_discovery)
+        self.qmp: "QmpAddress | None" = None if qmp is None else parse_qmp_address(qmp)  # -qmp
         _check_combination(self)
 
     @property

@@ -260,6 +260,7 @@ class LiveDump:
         self._progress = progress
         self._result: DumpResult | None = None
         self._error: LeanvmError | None = None
+        self.total = 0  # bytes of guest memory to write, once the child has counted them
         self._thread = threading.Thread(target=self._collect, name="leanvm-dump", daemon=True)
         self._thread.start()
 
@@ -277,9 +278,12 @@ class LiveDump:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     message = json.loads(line)
-                    if "progress" in message and self._progress is not None:
-                        self._progress(message["progress"])
-                    elif "progress" not in message:
+                    if "progress" in message:
+                        if self._progress is not None:
+                            self._progress(message["progress"])
+                    elif "total" in message:
+                        self.total = message["total"]
+                    else:
                         final = message
         _, status = os.waitpid(self.pid, 0)
         if final is None or "error" in final:

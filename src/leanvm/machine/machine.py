@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from leanvm.errors import ConfigError, GuestError, LeanvmError
 from leanvm.machine.boot import Built, build, demo_guest_path
 from leanvm.machine.config import MachineConfig
+from leanvm.machine.control import MachineControl
 from leanvm.machine.lifetime import Resources, check_timeout, install_kick_handler
 from leanvm.machine.parts import VmParts
 from leanvm.machine.result import EXIT_STATUS_TOO_LARGE, RunResult, RunState, result_of
@@ -37,9 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["Machine", "RunResult", "RunState", "EXIT_STATUS_TOO_LARGE", "demo_guest_path"]
 
 
-class Machine(VmParts):
+class Machine(VmParts, MachineControl):
     """One VM. Build happens on first use (``build()``, ``run()`` or ``with``); its parts
-    (``memory``, ``platform``, ``vcpus``, ...) and the device API come from VmParts."""
+    (``memory``, ``platform``, ``vcpus``, ...) and the device API come from VmParts; pause,
+    resume, the power button, status, events and QMP commands (``execute``) from
+    MachineControl. With ``qmp="PATH"`` (or QEMU's ``unix:PATH,server=on,wait=off``,
+    ``tcp:HOST:PORT,...``) a QMP server listens from build() to close()."""
 
     def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -58,6 +62,10 @@ class Machine(VmParts):
 
         self.pause_gate = self._control.gate = PauseGate()  # live dumps hold the vCPUs here
         self._dumps: list[Any] = []  # live dumps being written (waited for at close)
+        self._init_control()
+        self.qmp_server: Any = None  # machine/qmp/server.py QmpServer, with config.qmp
+        # what QMP query-dump reports: the last dump a QMP client asked for
+        self.qmp_dump: dict[str, Any] = {"status": "none", "completed": 0, "total": 0}
         self._resources = Resources()  # closed by close(), or when the Machine is collected
         self._finalizer = weakref.finalize(self, self._resources.leaked,
                                            repr(config.name or "unnamed"))
@@ -92,7 +100,16 @@ class Machine(VmParts):
         self.built = build(self.config, hooks, self.tracer, self._boot_trace,
                            self._resources.add, lambda: self.host_finding)
         self.state = RunState.READY
+        if self.config.qmp is not None:
+            from leanvm.machine.qmp.server import QmpServer
+
+            self.qmp_server = self._resources.add(QmpServer(self.config.qmp, self))
         return self
+
+    @property
+    def qmp_address(self) -> str | None:
+        """Where the QMP server listens (a TCP port 0 resolved), or None."""
+        return str(self.qmp_server.address) if self.qmp_server is not None else None
 
     @property
     def host_finding(self) -> "HostFinding":
@@ -104,9 +121,11 @@ class Machine(VmParts):
         return self._host_finding
 
     # --- running ---------------------------------------------------------------------
-    def run(self, timeout: float | None = None, until: bytes | str | None = None) -> RunResult:
+    def run(self, timeout: float | None = None, until: bytes | str | None = None, *,
+            paused: bool = False) -> RunResult:
         """Run the vCPUs on this thread until the guest stops the VM, ``timeout`` seconds
-        pass, or (with ``until``) the serial output contains that text."""
+        pass, or (with ``until``) the serial output contains that text. ``paused``: hold
+        the vCPUs before their first instruction until ``resume()`` (QEMU's -S, QMP cont)."""
         timeout = check_timeout(timeout)
         if until is not None and not until:
             raise ConfigError("bad until text: empty (it would match at once)")
@@ -116,6 +135,8 @@ class Machine(VmParts):
             raise LeanvmError(f"machine cannot run from state {self.state.value}")
         self.consoles.open(self.platform.serial)
         install_kick_handler()
+        if paused:
+            self._start_paused()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
         sampler = self._start_sampler() if self.config.sample_hz else None
@@ -124,6 +145,8 @@ class Machine(VmParts):
         flusher = self._start_flusher()
         first_entry = time.monotonic_ns()
         try:
+            if self.qmp_server is not None and self.qmp_server.address.wait:  # wait=on
+                self.qmp_server.wait_for_client(lambda: self._control.stop is not None)
             stop = self._run_vcpus()
         except KeyboardInterrupt as exc:  # Ctrl-C, or a terminating signal the CLI turned into one
             stop = Stop(StopReason.INTERRUPTED, getattr(exc, "detail", None)
@@ -144,6 +167,7 @@ class Machine(VmParts):
 
             trace_run(self, first_entry, stopped, stop)
         self.result = result_of(self, self._control, stop, first_entry, stopped)
+        self._emit_stop_events(stop)
         return self.result
 
     def _run_vcpus(self) -> Stop:
@@ -249,7 +273,8 @@ class Machine(VmParts):
             self.build()
         if self.state is RunState.CLOSED:
             raise LeanvmError("cannot dump a closed machine")
-        if self.state is not RunState.RUNNING or not self._control.running():
+        if (self.state is not RunState.RUNNING or not self._control.running()
+                or self.paused):  # held vCPUs change nothing: no pause needed
             return dump_stopped(self, request, progress)
         job = dump_live(self, request, progress)
         self._dumps = [d for d in self._dumps if not d.done()] + [job]
@@ -269,6 +294,8 @@ class Machine(VmParts):
             except LeanvmError:
                 pass  # reported to whoever waits for it
         self._dumps.clear()
+        if self.qmp_server is not None:  # clients get what is queued for them, then EOF
+            self.qmp_server.close()
         if self.result is not None and self.result.source is not None:
             self.result.source.freeze()
         self._resources.close()
@@ -288,22 +315,22 @@ class Machine(VmParts):
         self.close()
 
     # --- running in the background ------------------------------------------------------
-    def start(self, timeout: float | None = None) -> "Machine":
+    def start(self, timeout: float | None = None, *, paused: bool = False) -> "Machine":
         """Run the vCPUs on a background thread; then ``wait_for_console``, ``wait`` or
-        ``stop`` (from any thread)."""
+        ``stop`` (from any thread). ``paused``: as for run()."""
         timeout = check_timeout(timeout)
         self.build()
         if self._thread is not None:
             raise LeanvmError("machine already started")
         install_kick_handler()
-        self._thread = threading.Thread(target=self._run_in_background, args=(timeout,),
+        self._thread = threading.Thread(target=self._run_in_background, args=(timeout, paused),
                                         name="leanvm-vcpu", daemon=True)
         self._thread.start()
         return self
 
-    def _run_in_background(self, timeout: float | None) -> None:
+    def _run_in_background(self, timeout: float | None, paused: bool = False) -> None:
         try:
-            self.run(timeout)
+            self.run(timeout, paused=paused)
         except BaseException as exc:  # handed to wait()
             self._background_error = exc
         finally:

@@ -87,11 +87,11 @@ class RunResult(NamedTuple):
 
     @property
     def exit_code(self) -> int:
-        """Process exit code for the CLI: 0 for a reset or power-off, the guest's status for
+        """Process exit code for the CLI: 0 for a reset, a power-off or a QMP quit, the guest's status for
         its exit port (4 when it does not fit), 124 on timeout, 128 + N for signal N (130
         for Ctrl-C), 3 when the guest failed."""
         if self.reason in (StopReason.RESET, StopReason.NO_BOOT_DEVICE, StopReason.CONSOLE_MATCH,
-                           StopReason.POWEROFF):
+                           StopReason.POWEROFF, StopReason.QUIT):
             return 0
         if self.reason is StopReason.GUEST_EXIT:
             status = self.status or 0

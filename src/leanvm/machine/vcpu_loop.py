@@ -40,6 +40,7 @@ class StopReason(Enum):
     NO_BOOT_DEVICE = "no-boot-device"  # the firmware found nothing to boot
     CONSOLE_MATCH = "console-match"  # the serial output showed what run(until=...) waited for
     GUEST_PANIC = "guest-panic"  # the guest kernel printed "Kernel panic - not syncing"
+    QUIT = "quit"  # a QMP client asked the VM to quit
 
 
 KICK_SIGNAL = signal.SIGUSR1  # interrupts a vCPU's KVM_RUN (kvm/vcpu.py bind_kick_signal)
@@ -101,7 +102,7 @@ class LoopControl:
     signal, which interrupts KVM_RUN even for a guest that never exits on its own."""
 
     __slots__ = ("stop", "exits", "on_emulation_failure", "on_interrupt", "requested_ns",
-                 "_lock", "_running", "counts", "ring", "gate")
+                 "_lock", "_running", "counts", "ring", "gate", "thread_ids")
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
@@ -119,6 +120,7 @@ class LoopControl:
         self._lock = threading.Lock()
         # vCPU id -> (thread ident, vCPU, undo of its kick binding) while its loop runs
         self._running: dict[int, tuple[int, Vcpu, Callable[[], None]]] = {}
+        self.thread_ids: dict[int, int] = {}  # vCPU id -> its thread's native id (last run)
 
     def request(self, stop: Stop) -> None:
         """Stop the loop(s) with ``stop`` (the first request wins), from any thread."""
@@ -128,12 +130,15 @@ class LoopControl:
             self.requested_ns = time.monotonic_ns()
             self.stop = stop
         self.kick()
+        if self.gate is not None:  # parked vCPUs leave to stop
+            self.gate.wake()
 
     def enter(self, vcpu: Vcpu) -> None:
         """The calling thread runs ``vcpu`` from now on; kicks reach it."""
         unbind = vcpu.bind_kick_signal(KICK_SIGNAL)
         with self._lock:
             self._running[vcpu.id] = (threading.get_ident(), vcpu, unbind)
+            self.thread_ids[vcpu.id] = threading.get_native_id()
 
     def leave(self, vcpu: Vcpu) -> None:
         """``vcpu``'s loop ended: no more kicks for its thread (pending ones are dropped)."""
@@ -181,6 +186,8 @@ def run_loop(vcpu: Vcpu, pio: Bus, mmio: Bus, control: LoopControl) -> Stop:
     exits = 0
     control.enter(vcpu)
     try:
+        if control.gate is not None and control.gate.held:  # started paused (-S)
+            control.gate.park(vcpu, control)
         while control.stop is None:
             exits += 1
             try:
@@ -251,7 +258,7 @@ def _other_exit(vcpu: Vcpu, exit_: ex.Exit, control: LoopControl) -> Stop | None
     if isinstance(exit_, ex.Interrupted):
         gate = control.gate
         if gate is not None:
-            gate.park(vcpu)  # held still while the VMM copies the VM (a live dump)
+            gate.park(vcpu, control)  # held still (a live dump's copy, QMP stop)
         hook = control.on_interrupt
         if hook is not None:
             hook(vcpu)

@@ -73,6 +73,8 @@ class GroupControl(LoopControl):
             for member in self.members:
                 member.stop = stop
         self.kick()
+        if self.gate is not None:
+            self.gate.wake()
 
 
 class MemberControl(LoopControl):
