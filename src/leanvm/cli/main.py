@@ -96,7 +96,7 @@ def _plain_usage_message(message: str) -> str:
     return f"{option}: {rest}"
 
 
-COMMANDS = ("run", "memmap", "flash", "trace", "kernel", "initrd", "version")
+COMMANDS = ("run", "memmap", "flash", "trace", "kernel", "initrd", "qmp", "version")
 
 
 def build_parser(only: str | None = None) -> _Parser:

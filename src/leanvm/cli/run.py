@@ -128,8 +128,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--max-fw-size", default="8M", metavar="SIZE",
                         help="combined limit of pc flash banks (default 8M, at most 16M)")
     parser.add_argument("-S", dest="paused", action="store_true",
-                        help="build the VM but do not start the vCPU; wait for SIGTERM or Ctrl-C "
-                             "(as QEMU's -S), e.g. to measure what an idle VM costs")
+                        help="do not start the vCPUs (QEMU's -S): with -qmp they wait for QMP's "
+                             "cont; without, the VM is built and leanvm waits for SIGTERM or "
+                             "Ctrl-C, e.g. to measure what an idle VM costs")
+    parser.add_argument("-qmp", "--qmp", metavar="unix:PATH,server=on,wait=off",
+                        help="a QMP server (docs/qmp.md): unix:PATH or tcp:HOST:PORT with "
+                             "server=on and wait=on|off (wait=on, QEMU's default, holds the "
+                             "vCPUs until a client connects); a bare PATH does not wait. "
+                             "Try `leanvm qmp PATH query-status`")
     parser.add_argument("--timeline", action="store_true",
                         help="record the boot timeline and print it at exit (time since the "
                              "process start, delta, phase)")
@@ -215,10 +221,15 @@ def handle(args: argparse.Namespace) -> int:
     with _terminating_signals(), Machine(config) as machine:
         _current.append(machine)
         try:
-            if args.paused:
+            if args.paused and machine.qmp_server is None:
                 return _wait_paused(machine, args.quiet)
+            if machine.qmp_server is not None and machine.qmp_server.address.wait \
+                    and not args.quiet:
+                print(f"leanvm: waiting for a QMP connection on {machine.qmp_address}",
+                      file=sys.stderr, flush=True)
             with dumps.signal_dumps(machine, args):
-                result = machine.run(timeout=args.timeout, until=args.until)
+                result = machine.run(timeout=args.timeout, until=args.until,
+                                     paused=args.paused)
         finally:
             _current.remove(machine)
         dumped = dumps.after_run(machine, result, args)
@@ -271,7 +282,7 @@ def machine_config(args: argparse.Namespace) -> "MachineConfig":
                          args=args.args, serial=args.serial, hide_cpu_features=hidden,
                          layout=tuple(settings.items()),
                          virtio_mem=virtio_mem_specs(args.virtio_mem, args.objects, args.devices),
-                         virtio_discovery=args.virtio_discovery,
+                         virtio_discovery=args.virtio_discovery, qmp=args.qmp,
                          kvm_path=os.environ.get("LEANVM_KVM_DEVICE", "/dev/kvm"))
 
 
