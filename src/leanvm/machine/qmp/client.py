@@ -99,11 +99,13 @@ def _connect(address: str, timeout: float) -> socket.socket:
         path = address[5:].split(",")[0] if address.startswith("unix:") else address
         family, target = socket.AF_UNIX, path  # type: ignore[assignment]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    # a Unix socket connects blocking (with a timeout set, a full backlog gives EAGAIN)
+    sock.settimeout(None if family == socket.AF_UNIX else timeout)
     try:
         sock.connect(target)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot connect to the QMP socket {address} "
                           f"({exc.strerror or exc})") from None
+    sock.settimeout(timeout)
     return sock

@@ -167,7 +167,11 @@ class QmpServer:
     def _serve(self) -> None:
         try:
             while not self._closed.is_set():
-                for key, events in self._selector.select():
+                ready = self._selector.select()
+                # clients first: the EOFs of those that left free their places before
+                # new ones are accepted
+                ready.sort(key=lambda item: item[0].fileobj is self._listener)
+                for key, events in ready:
                     if key.fileobj is self._listener:
                         self._accept()
                     elif key.fileobj is self._wake_r:
@@ -212,8 +216,12 @@ class QmpServer:
             sock, _ = self._listener.accept()
         except OSError:
             return
-        if len(self._clients) >= MAX_CLIENTS:
-            sock.close()  # the one too many
+        if len(self._clients) >= MAX_CLIENTS:  # the one too many is told, then closed
+            try:
+                sock.send(encode(error_reply(f"too many QMP clients (at most {MAX_CLIENTS})")))
+            except OSError:
+                pass
+            sock.close()
             return
         sock.setblocking(False)
         client = _Client(sock)
