@@ -20,7 +20,7 @@ SENTENCE_END = re.compile(r"[.!?][\"')\]`]*$")
 # Every command and verb says what it does in whole sentences.
 MUST_DESCRIBE = {"run", "memmap", "trace", "trace show", "trace diff", "kernel", "initrd",
                  "initrd build", "initrd list", "kernel extract", "kernel info", "flash",
-                 "flash inspect", "flash unpad", "version"}
+                 "flash inspect", "flash unpad", "qmp", "version"}
 
 
 def parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:

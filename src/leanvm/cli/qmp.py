@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                     "true, false, null, a list or an object, else as text) and print the reply: "
                     "text as it is (human-monitor-command), anything else as JSON. Exit "
                     "status 1 with the error's class and text on stderr if the command fails. "
-                    "Example: leanvm qmp vm.sock human-monitor-command "
-                    "command-line='info registers'")
+                    "For example: leanvm qmp vm.sock human-monitor-command "
+                    "command-line='info registers'.")
     parser.add_argument("socket", metavar="SOCKET", help="the VM's QMP socket")
     parser.add_argument("name", metavar="COMMAND", help="e.g. query-status, stop, cont, quit")
     parser.add_argument("arguments", nargs="*", metavar="NAME=VALUE")
