@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/nested_boot.py --in-l1
 	$(PY) bench/virtio_mem.py --in-l1
 	$(PY) bench/dump.py
+	$(PY) bench/qmp.py
 
 # Rebuild the bundled demo guest from tests/guests/programs/demo.c.
 demo-guest: $(STAMP)

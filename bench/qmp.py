@@ -180,9 +180,9 @@ def _mr(figure: dict, digits: int = 1, scale: float = 1.0) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--exits", type=int, default=200000)
+    parser.add_argument("--exits", type=int, default=500000)
     args = parser.parse_args()
     missing = [name for name in (QEMU_X86, "gcc") if not have(name)]
     if missing or not SEABIOS.exists() or not os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ class MachineControl:
         self._paused = False  # held by pause() until resume()
         self._prelaunch = False  # started paused, never resumed yet
         self._host_cause: str | None = None  # why the host stopped it, if it did over QMP
+        self.launched_ns = 0  # CLOCK_MONOTONIC when a VM started paused was first resumed
 
     @property
     def paused(self) -> bool:
@@ -93,6 +95,8 @@ class MachineControl:
                 raise QmpError(f"the VM has stopped ({self.status}): it cannot continue")
             if not self.paused:
                 return False
+            if self._prelaunch:
+                self.launched_ns = time.monotonic_ns()
             self._paused = self._prelaunch = False
             self.pause_gate.release()
         self.events.emit("RESUME")

@@ -166,6 +166,8 @@ class Machine(VmParts, MachineControl):
             from leanvm.machine.tracing import trace_run
 
             trace_run(self, first_entry, stopped, stop)
+        if paused and self.launched_ns:  # the guest's first instruction came at cont
+            first_entry = max(first_entry, self.launched_ns)
         self.result = result_of(self, self._control, stop, first_entry, stopped)
         self._emit_stop_events(stop)
         return self.result

@@ -283,6 +283,15 @@ class QmpServer:
         if len(client.out) + len(data) > MAX_OUTPUT:
             self._drop(client)  # it has not read for megabytes: it is gone or hostile
             return
+        if not client.out and client.events:  # most replies go out at once, without
+            try:                                # another trip through the selector
+                sent = client.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._drop(client)
+                return
+            data = data[sent:]
         client.out += data
         self._update(client)
 
