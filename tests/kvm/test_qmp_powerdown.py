@@ -1,0 +1,82 @@
+"""QMP's system_powerdown reaches a Linux guest: the minimal kernel's ACPI button driver
+turns leanvm's fixed power button (PWRBTN_STS, SCI) into KEY_POWER on /dev/input/event0,
+the guest's init waits for it and powers off, and a qemu.qmp client sees POWERDOWN, then
+SHUTDOWN with reason guest-shutdown.
+
+Needs guest user space: skipped here with the reason, run on the nested real KVM by
+`make test` (docs/nested.md).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from leanvm.loader.initramfs import BUSYBOX, busybox_image
+from leanvm.machine.machine import Machine
+from leanvm.machine.vcpu_loop import StopReason
+
+pytestmark = [pytest.mark.slow, pytest.mark.userspace]
+qmp_legacy = pytest.importorskip("qemu.qmp.legacy", reason="qemu.qmp is installed by make test")
+
+READY = "leanvm-test: waiting for the power button"
+PRESSED = "leanvm-test: power button pressed"
+INIT = f"""#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+cat /sys/class/input/input0/name
+echo "{READY}"
+dd if=/dev/input/event0 bs=24 count=1 of=/dev/null 2>/dev/null
+echo "{PRESSED}"
+poweroff -f
+""".encode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_space_runs() -> None:
+    from leanvm.machine.host_check import check_host
+
+    finding = check_host()
+    if finding.error or finding.needs_fallback:
+        pytest.skip("this host's KVM cannot run guest user space (it emulates guest kernel "
+                    "code and drops guest SYSCALLs); make test runs this on a real KVM in L1 "
+                    "(make test-nested, docs/nested.md)")
+
+
+def test_system_powerdown_powers_a_linux_guest_off(minimal_kernel: Path, tmp_path: Path) -> None:
+    if not BUSYBOX.exists():
+        pytest.skip("busybox-static is not installed (make test installs it)")
+    initrd = tmp_path / "button.cpio"
+    busybox_image(init=INIT).write(initrd)
+    sock = tmp_path / "vm.sock"
+    with Machine(kernel=minimal_kernel, initrd=initrd, memory="256M", qmp=str(sock),
+                 cmdline="console=ttyS0 rodata=off") as vm:
+        vm.start(timeout=600)
+        vm.wait_for_console(READY, timeout=600)
+        assert "Power Button" in vm.console.decode(errors="replace")
+        q = qmp_legacy.QEMUMonitorProtocol(str(sock))
+        q.connect()
+        try:
+            assert q.cmd("system_powerdown") == {}
+            seen: list[dict] = []
+            deadline = time.monotonic() + 120
+            while not any(e["event"] == "SHUTDOWN" for e in seen):
+                assert time.monotonic() < deadline, (seen, vm.console[-2000:])
+                try:
+                    seen += q.get_events(wait=1.0)
+                except Exception:  # noqa: BLE001 - a timeout of one wait, or the end
+                    if not vm._thread or not vm._thread.is_alive():  # type: ignore[union-attr]
+                        break
+        finally:
+            q.close()
+        result = vm.wait(60)
+        console = vm.console.decode(errors="replace")
+    assert PRESSED in console, console[-2000:]
+    assert result.reason is StopReason.POWEROFF, (result.detail, console[-2000:])
+    names = [e["event"] for e in seen]
+    assert names[:1] == ["POWERDOWN"] and "SHUTDOWN" in names, names
+    shutdown = next(e for e in seen if e["event"] == "SHUTDOWN")
+    assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}
