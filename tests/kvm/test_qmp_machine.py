@@ -113,3 +113,24 @@ def test_dump_errors_are_qmp_errors(guest, tmp_path: Path) -> None:
         assert vm.status == "running"
         vm.stop()
         vm.wait(10)
+
+
+def test_trace_started_and_stopped_over_qmp_records_the_probes(guest, tmp_path: Path) -> None:
+    import json
+
+    from test_trace_guest import PLATFORM
+
+    with Machine(memory="16M", guest=guest("probes"), args=f"{PLATFORM:#x}") as vm:
+        assert not vm.tracer.enabled
+        vm.start(timeout=60, paused=True)
+        assert vm.execute("x-leanvm-trace-start") == {"enabled": True}
+        vm.execute("cont")
+        vm.wait(30)
+        out = tmp_path / "late.json"
+        reply = vm.execute("x-leanvm-trace-stop", {"file": str(out)})
+        assert reply["events"] > 0 and reply["file"] == str(out)
+        names = {(e.get("cat"), e.get("name")) for e in json.loads(out.read_text())["traceEvents"]}
+        assert ("probe", "probe 9") in names and ("vmm", "trace started") in names
+        assert ("debugcon", "probes: done") in names
+        with pytest.raises(QmpError, match="trace"):
+            vm.execute("x-leanvm-trace-stop", {"file": str(tmp_path / "none" / "x.json")})

@@ -45,6 +45,10 @@ class GuestConsoles:
         self._changed = threading.Condition()
         self._watchers = 0
 
+    def set_boot_trace(self, boot_trace: "BootTrace") -> None:
+        """Feed the console lines to the timeline from now on (tracing started late)."""
+        self._boot_trace = boot_trace
+
     @property
     def serial(self) -> bytes:
         return bytes(self._serial)

@@ -63,6 +63,7 @@ class Machine(VmParts, MachineControl):
         self.pause_gate = self._control.gate = PauseGate()  # live dumps hold the vCPUs here
         self._dumps: list[Any] = []  # live dumps being written (waited for at close)
         self._init_control()
+        self._running = threading.Event()  # set once run() has begun (start() waits for it)
         self.qmp_server: Any = None  # machine/qmp/server.py QmpServer, with config.qmp
         # what QMP query-dump reports: the last dump a QMP client asked for
         self.qmp_dump: dict[str, Any] = {"status": "none", "completed": 0, "total": 0}
@@ -139,6 +140,7 @@ class Machine(VmParts, MachineControl):
             self._start_paused()
         timer = self._arm_timeout(timeout) if timeout else None
         self.state = RunState.RUNNING
+        self._running.set()
         sampler = self._start_sampler() if self.config.sample_hz else None
         if self.entry_trap is not None or self.fallback is not None:
             self._control.on_emulation_failure = self._on_emulation_failure
@@ -328,6 +330,7 @@ class Machine(VmParts, MachineControl):
         self._thread = threading.Thread(target=self._run_in_background, args=(timeout, paused),
                                         name="leanvm-vcpu", daemon=True)
         self._thread.start()
+        self._running.wait()  # status, pause and QMP see a running machine from here on
         return self
 
     def _run_in_background(self, timeout: float | None, paused: bool = False) -> None:
@@ -336,6 +339,7 @@ class Machine(VmParts, MachineControl):
         except BaseException as exc:  # handed to wait()
             self._background_error = exc
         finally:
+            self._running.set()
             self.consoles.wake()
 
     def wait(self, timeout: float | None = None) -> RunResult:

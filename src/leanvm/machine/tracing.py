@@ -111,3 +111,34 @@ def trace_run(machine: "Machine", first_entry: int, stopped: int, stop: "Stop") 
     tracer.instant("vmm", "shutdown request", ts=machine._control.requested_ns or stopped,
                    args={"reason": stop.reason.value})
     tracer.instant("vmm", "stop", ts=stopped)
+
+
+def start_tracing(machine: "Machine") -> None:
+    """Record the timeline from now on (QMP x-leanvm-trace-start), also on a machine made
+    without trace=True: VMM events, console phases and the guest's probes."""
+    tracer = machine.tracer
+    if machine._boot_trace is None:
+        boot_trace = machine._boot_trace = BootTrace(tracer, dict(machine.config.probe_names))
+        machine.consoles.set_boot_trace(boot_trace)
+        if machine.built is not None:
+            machine.platform.probe.on_probe = boot_trace.probe
+    if not tracer.enabled:
+        tracer.enabled = True
+        tracer.instant("vmm", "trace started")
+
+
+def stop_tracing(machine: "Machine", path: "str | None") -> int:
+    """Stop recording (QMP x-leanvm-trace-stop); with ``path``, write what was recorded
+    there first (trace-event JSON for *.json, else JSON lines). The event count."""
+    tracer = machine.tracer
+    if tracer.enabled:
+        tracer.instant("vmm", "trace stopped")
+    count = len(machine.trace_events)
+    if path is not None:
+        from leanvm.fileio import check_output_path
+
+        machine.write_trace(check_output_path(path, "trace"))
+    tracer.enabled = False
+    if machine.built is not None:
+        machine.platform.probe.on_probe = None
+    return count

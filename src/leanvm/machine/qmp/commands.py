@@ -300,6 +300,20 @@ def _x_exits(machine: "Machine", args: dict[str, Any]) -> Any:
             "pio-in": {f"{port:#x}": n for port, n in control.counts.in_ports.items()}}
 
 
+def _x_trace_start(machine: "Machine", args: dict[str, Any]) -> Any:
+    from leanvm.machine.tracing import start_tracing
+
+    start_tracing(machine)
+    return {"enabled": True}
+
+
+def _x_trace_stop(machine: "Machine", args: dict[str, Any]) -> Any:
+    from leanvm.machine.tracing import stop_tracing
+
+    count = stop_tracing(machine, args.get("file"))
+    return {"enabled": False, "events": count, **({"file": args["file"]} if "file" in args else {})}
+
+
 COMMANDS: dict[str, Command] = {
     "query-version": Command(_query_version),
     "query-commands": Command(_query_commands),
@@ -327,4 +341,6 @@ COMMANDS: dict[str, Command] = {
     "x-leanvm-timeline": Command(_x_timeline),
     "x-leanvm-residency": Command(_x_residency),
     "x-leanvm-exits": Command(_x_exits),
+    "x-leanvm-trace-start": Command(_x_trace_start),
+    "x-leanvm-trace-stop": Command(_x_trace_stop, optional=(("file", "string"),)),
 }
