@@ -374,3 +374,19 @@ def test_wait_on_holds_the_vcpus_until_a_client_connects(tmp_path: Path, guest) 
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_client_gone_mid_command_harms_nothing(lean: Peer, tmp_path: Path) -> None:
+    target = tmp_path / "gone.elf"
+    sock = negotiated_raw(lean)
+    sock.sendall(json.dumps({"execute": "dump-guest-memory", "arguments": {
+        "paging": False, "protocol": f"file:{target}"}}).encode() + b"\n")
+    sock.close()  # before the reply
+    q = client(lean)
+    deadline = time.monotonic() + 60
+    while q.cmd("query-dump")["status"] in ("none", "active") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert q.cmd("query-dump")["status"] == "completed"
+    assert target.stat().st_size > 0
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()

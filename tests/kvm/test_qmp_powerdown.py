@@ -80,3 +80,17 @@ def test_system_powerdown_powers_a_linux_guest_off(minimal_kernel: Path, tmp_pat
     assert names[:1] == ["POWERDOWN"] and "SHUTDOWN" in names, names
     shutdown = next(e for e in seen if e["event"] == "SHUTDOWN")
     assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}
+
+
+def test_a_kernel_panic_sends_guest_panicked_then_shutdown(minimal_kernel: Path) -> None:
+    """No initramfs and no root device: Linux panics ("VFS: Unable to mount root fs"). It
+    needs no user space, but runs in the nested tier, where it takes seconds (here 40 s)."""
+    seen: list[str] = []
+    with Machine(kernel=minimal_kernel, memory="128M",
+                 cmdline="console=ttyS0 rodata=off root=/dev/nonexistent") as vm:
+        vm.events.listen(lambda event: seen.append(f"{event.name} {event.data}"))
+        result = vm.run(timeout=600)
+        assert vm.status == "guest-panicked"
+    assert result.reason is StopReason.GUEST_PANIC, result.detail
+    assert seen == ["GUEST_PANICKED {'action': 'poweroff'}",
+                    "SHUTDOWN {'guest': True, 'reason': 'guest-panic'}"]
