@@ -390,3 +390,16 @@ def test_a_client_gone_mid_command_harms_nothing(lean: Peer, tmp_path: Path) -> 
     assert target.stat().st_size > 0
     assert q.cmd("query-status")["status"] == "running"
     q.close()
+
+
+def test_qmp_shell_drives_it(peer: Peer) -> None:
+    """qmp-shell (from the qemu.qmp package) as a person at a terminal would use it."""
+    import shutil
+
+    shell = shutil.which("qmp-shell") or str(Path(sys.executable).with_name("qmp-shell"))
+    if not Path(shell).exists():
+        pytest.skip("qmp-shell (package qemu.qmp) is not installed")
+    done = subprocess.run([shell, str(peer.sock)], input="query-status\nquery-kvm\n",
+                          capture_output=True, text=True, timeout=60)
+    assert '"status": "running"' in done.stdout, done.stdout + done.stderr
+    assert '"present": true' in done.stdout

@@ -28,6 +28,7 @@ import stat
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from leanvm.errors import ConfigError
@@ -141,7 +142,7 @@ class QmpServer:
     def _on_event(self, event: "MachineEvent") -> None:
         self._post(None, encode(event.qmp()))
 
-    def wait_for_client(self, give_up: Any, poll: float = 0.1) -> bool:
+    def wait_for_client(self, give_up: Callable[[], bool], poll: float = 0.1) -> bool:
         """Block until a client connects (wait=on), or ``give_up()`` is true."""
         while not self._connected.wait(poll):
             if give_up() or self._closed.is_set():
@@ -283,8 +284,8 @@ class QmpServer:
         if len(client.out) + len(data) > MAX_OUTPUT:
             self._drop(client)  # it has not read for megabytes: it is gone or hostile
             return
-        if not client.out and client.events:  # most replies go out at once, without
-            try:                                # another trip through the selector
+        if not client.out:  # most replies go out at once, without another trip through
+            try:              # the selector
                 sent = client.sock.send(data)
             except BlockingIOError:
                 sent = 0
