@@ -7,8 +7,8 @@ leanvm stops there by itself and dumps with `Machine.dump()`. Both write an ELF 
 kdump-zlib file. For each: file size, wall time, and the host pages the dumping process
 gained (VmRSS after minus before). The live pause is measured apart, on a bare guest that
 spins while it is dumped (tests/guests/programs/dumpme.c), 1 GiB and 4 GiB, with 0 and
-256 MiB of it populated: the pause is the fork of the VMM, which copies page tables, not
-memory. Runs are interleaved; figures are medians with their range; ratios are leanvm/QEMU.
+256 MiB of it populated (and more, with --huge-pages RAM): the pause is the fork of the
+VMM, which copies page tables, not memory. Runs are interleaved; figures are medians with their range; ratios are leanvm/QEMU.
 """
 
 from __future__ import annotations
@@ -131,11 +131,12 @@ def vm_held(vm: object) -> int:
     return sum(len(run.data) for run in runs)
 
 
-def live_pause(memory: str, populated: int, guest: Path, tmp: Path) -> dict[str, float]:
+def live_pause(memory: str, populated: int, guest: Path, tmp: Path,
+               huge: bool = False) -> dict[str, float]:
     from leanvm.machine.config import MachineConfig
     from leanvm.machine.machine import Machine
 
-    with Machine(MachineConfig(memory=memory, guest=guest, args="spin")) as vm:
+    with Machine(MachineConfig(memory=memory, guest=guest, args="spin", huge_pages=huge)) as vm:
         for offset in range(0, populated, 64 * MiB):  # above the guest's own pages
             vm.memory.write(256 * MiB + offset, FILL)
         vm.wait_for_console("dump me", timeout=60)
@@ -188,9 +189,12 @@ def main() -> int:
                        "ratio_size": spread([a[fmt]["size"] / b[fmt]["size"]
                                              for a, b in zip(ours, theirs)])}
                 rows.append(row)
-            for populated in (0, 256 * MiB, 1024 * MiB if memory != "1G" else 512 * MiB):
-                runs = [live_pause(memory, populated, guest, tmp) for _ in range(args.runs)]
-                pauses.append({"memory": memory, "populated": populated,
+            big = 1024 * MiB if memory != "1G" else 512 * MiB
+            most = 3072 * MiB if memory == "4G" else big
+            for populated, huge in ((0, False), (256 * MiB, False), (big, False), (big, True),
+                                    (most, True)):
+                runs = [live_pause(memory, populated, guest, tmp, huge) for _ in range(args.runs)]
+                pauses.append({"memory": memory, "populated": populated, "huge_pages": huge,
                                **{k: spread([r[k] for r in runs]) for k in runs[0]}})
     report(rows, pauses)
     save_and_hand_back("dump", {"rows": rows, "live": pauses, "runs": args.runs})
@@ -215,7 +219,8 @@ def report(rows: list[dict], pauses: list[dict]) -> None:
               f"{ours['rss_gained']['median'] / 1024:.0f}/{theirs['rss_gained']['median'] / 1024:.0f}")
     print("live dumps of a running guest (kdump-zlib): the guest's pause, ms")
     for row in pauses:
-        print(f"{row['memory']:>4} with {row['populated'] // MiB:4d} MiB populated: pause "
+        pages = "2M pages" if row.get("huge_pages") else "4K pages"
+        print(f"{row['memory']:>4} {pages} with {row['populated'] // MiB:4d} MiB populated: pause "
               f"{_mr(row['pause_ms'])} ms, dump {_mr(row['seconds'], 1, 3)} s, "
               f"VMM RSS +{row['rss_gained']['median'] / 1024:.0f} KiB")
 

@@ -154,3 +154,32 @@ def test_sigusr2_dumps_a_running_vm_without_stopping_it(dumpme: Path, tmp_path: 
     assert len(dumps) == 1, err
     assert "guest paused" in err and process.returncode == 128 + signal.SIGTERM
     assert ELFFile(io.BytesIO(dumps[0].read_bytes())).num_segments() > 1
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping that starts at ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line[0].isupper():
+            inside = int(line.split("-", 1)[0], 16) == address
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_huge_pages_back_ram_and_a_live_dump_of_it_is_whole(dumpme: Path, tmp_path: Path) -> None:
+    """--huge-pages: RAM is 2 MiB aligned and advised MADV_HUGEPAGE, so the fork of a live
+    dump copies one entry per 2 MiB (bench/dump.py measures the pause)."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("this host has transparent huge pages turned off")
+    with Machine(MachineConfig(memory="1G", guest=dumpme, args="spin", huge_pages=True)) as vm:
+        ram = vm.memory.regions[0].mapping
+        assert ram.address % (2 << 20) == 0
+        vm.memory.write(256 << 20, b"\x5a" * (64 << 20))
+        assert _anon_huge_kib(ram.address) >= 32 << 10  # most of the 64 MiB in huge pages
+        vm.wait_for_console("dump me", timeout=60)
+        done = vm.dump(tmp_path / "huge.kdump", "kdump-zlib")
+        assert done.memory >= 64 << 20 and vm.state.value == "running"
+        vm.stop()
+        vm.wait(30)

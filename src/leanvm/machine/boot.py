@@ -117,7 +117,7 @@ def build(config: MachineConfig, hooks: Hooks, tracer: "Tracer",
     setup_kvm_private(vm, planned.memory_map)
     vm.create_irqchip()
     vm.create_pit2()
-    memory = keep(MemoryManager(vm, planned.memory_map))
+    memory = keep(MemoryManager(vm, planned.memory_map, config.huge_pages))
     if tracer.enabled:
         tracer.instant("vmm", "memory ready")
     platform = build_platform(planned.memory_map, memory.memory,                   # 4

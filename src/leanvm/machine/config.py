@@ -173,7 +173,7 @@ class MachineConfig:
                  "debugcon", "kernel", "initrd", "cmdline", "trace", "probe_names",
                  "kernel_boot", "smp", "cpu_profile", "emulation_fallback", "zero_copy",
                  "initrd_unpack", "sample_hz", "symbols", "name", "coalesced_io", "tsc_khz",
-                 "virtio_mem", "virtio_discovery", "qmp")
+                 "virtio_mem", "virtio_discovery", "qmp", "huge_pages")
 
     def __init__(self, memory: int | str = DEFAULT_MEMORY, guest: Path | str | None = None,
                  args: str = "", serial: SerialConfig | str = SerialConfig(),
@@ -190,7 +190,8 @@ class MachineConfig:
                  initrd_unpack: bool = True, sample_hz: float = 0.0,
                  symbols: Path | str | None = None, name: str = "", coalesced_io: bool = True,
                  tsc_khz: int | None = None, virtio_mem: "tuple[VirtioMemSpec | str, ...]" = (),
-                 virtio_discovery: str = "acpi", qmp: "str | QmpAddress | None" = None) -> None:
+                 virtio_discovery: str = "acpi", qmp: "str | QmpAddress | None" = None,
+                 huge_pages: bool = False) -> None:
         self.memory, self.maxmem, self.slots = _memory(memory, maxmem, slots)  # bytes, bytes|None, n
         self.machine: str = machine  # a memory-map version: leanvm, leanvm-1, ...
         self.pa_bits: int | None = _pa_bits(pa_bits)  # None: from the vCPU's CPUID
@@ -205,15 +206,13 @@ class MachineConfig:
         self.max_fw_size: int = _max_fw_size(max_fw_size)
         self.bios: Path | None = _path(bios)  # firmware for flash bank 0
         self.kernel: Path | None = _path(kernel)  # a bzImage or ELF vmlinux
-        self.initrd: Path | None = _path(initrd)
-        self.cmdline: str = cmdline
+        self.initrd, self.cmdline = _path(initrd), cmdline  # Path | None, str
         # direct boot: "pvh" (ELF, or a bzImage decompressed on the host), "bzimage" (64-bit
         # boot protocol, the guest decompresses), "auto" (pvh when possible)
         self.kernel_boot: str = _choice(kernel_boot, KERNEL_BOOT_MODES, "kernel boot mode")
         # direct boot: map kernel and initrd pages copy-on-write from their files instead
         # of copying them; decompress a compressed initramfs on the host
-        self.zero_copy: bool = bool(zero_copy)
-        self.initrd_unpack: bool = bool(initrd_unpack)
+        self.zero_copy, self.initrd_unpack = bool(zero_copy), bool(initrd_unpack)
         self.smp: int = _vcpus(smp)  # vCPUs, one host thread each
         # "host": what KVM offers; "emulated": hides what a host that emulates supervisor
         # code cannot run; "auto": "emulated" on such hosts, else "host"
@@ -234,6 +233,7 @@ class MachineConfig:
         # virtio-mem devices; how Linux finds virtio-mmio devices (machine/virtio.py)
         self.virtio_mem, self.virtio_discovery = _virtio(virtio_mem, virtio_discovery)
         self.qmp: "QmpAddress | None" = None if qmp is None else parse_qmp_address(qmp)  # -qmp
+        self.huge_pages: bool = bool(huge_pages)  # RAM advised MADV_HUGEPAGE (memory/host.py)
         _check_combination(self)
 
     @property

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from leanvm.kvm.vm import Vm
 from leanvm.layout.region import MemoryMap
 from leanvm.memory.guest import GuestMemory, GuestRegion, RegionKind
-from leanvm.memory.host import map_anonymous
+from leanvm.memory.host import map_anonymous, map_anonymous_huge
 
 
 class Slot(NamedTuple):
@@ -114,20 +114,22 @@ class Memslots:
         self.present[name] = present
 
 
-def build_ram(plan: MemoryMap) -> GuestMemory:
-    """Anonymous RAM for each RAM region of the plan, exactly where the plan puts it."""
+def build_ram(plan: MemoryMap, huge_pages: bool = False) -> GuestMemory:
+    """Anonymous RAM for each RAM region of the plan, exactly where the plan puts it;
+    ``huge_pages``: 2 MiB aligned and advised MADV_HUGEPAGE (QEMU's default for RAM), so
+    the host backs it with transparent huge pages where it can."""
     memory = GuestMemory()
+    allocate = map_anonymous_huge if huge_pages else map_anonymous
     for region in plan.ram():
-        memory.add(GuestRegion(region.name, region.base, map_anonymous(region.size),
-                               RegionKind.RAM))
+        memory.add(GuestRegion(region.name, region.base, allocate(region.size), RegionKind.RAM))
     return memory
 
 
 class MemoryManager:
     """Guest memory and its memslots, changed only together (see the module docstring)."""
 
-    def __init__(self, vm: Vm, plan: MemoryMap) -> None:
-        self.memory = build_ram(plan)
+    def __init__(self, vm: Vm, plan: MemoryMap, huge_pages: bool = False) -> None:
+        self.memory = build_ram(plan, huge_pages)
         self.ram: tuple[GuestRegion, ...] = tuple(self.memory.regions)  # the plan's RAM
         self.slots = Memslots(vm)
         for region in self.ram:
