@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from leanvm.machine.host_check import HostFinding
     from leanvm.machine.sampler import RipSampler
 
+STOP_TIMEOUT = 120.0  # seconds for a started machine's vCPUs to stop when its with-block ends
+
 __all__ = ["Machine", "RunResult", "RunState", "EXIT_STATUS_TOO_LARGE", "demo_guest_path"]
 
 
@@ -315,7 +317,14 @@ class Machine(VmParts, MachineControl):
     def __exit__(self, *exc: object) -> None:
         if self._thread is not None and self._thread.is_alive():
             self.stop("the with-block ended")
-            self._thread.join()
+            self._thread.join(STOP_TIMEOUT)
+            if self._thread.is_alive():  # never free memory a vCPU may still run in
+                import faulthandler
+                import sys
+
+                faulthandler.dump_traceback(sys.stderr, all_threads=True)
+                raise LeanvmError(f"the vCPU thread did not stop within {STOP_TIMEOUT:g} s "
+                                  "(every thread's stack is on stderr); the VM is left open")
         self.close()
 
     # --- running in the background ------------------------------------------------------
