@@ -182,3 +182,12 @@ def test_shutdown_causes() -> None:
     assert GUEST_CAUSES[StopReason.GUEST_PANIC] == "guest-panic"
     assert HOST_CAUSES[StopReason.QUIT] == "host-qmp-quit"
     assert not set(GUEST_CAUSES) & set(HOST_CAUSES)
+
+
+def test_a_command_that_breaks_is_an_error_reply_not_a_dead_server() -> None:
+    machine, session = FakeMachine(), Session()
+    session.negotiated = True
+    del machine.loop_control  # query-cpus-fast now fails inside the command
+    reply = handle(session, '{"execute": "query-cpus-fast", "id": 3}', machine)
+    assert reply["id"] == 3 and reply["error"]["desc"].startswith("internal error: AttributeError")
+    assert handle(session, '{"execute": "query-status"}', machine)["return"]["status"] == "running"

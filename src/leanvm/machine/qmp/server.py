@@ -187,6 +187,8 @@ class QmpServer:
             import logging
 
             logging.getLogger("leanvm.qmp").exception("QMP server failed")
+            self._closed.set()
+            self._shut(0.0)
 
     def _shut(self, flush_seconds: float) -> None:
         import time

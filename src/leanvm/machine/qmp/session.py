@@ -56,6 +56,12 @@ class Session:
             result = self._command(value, machine)
         except QmpError as exc:
             return error_reply(exc.desc, exc.error_class, ident, has_id)
+        except Exception as exc:  # a bug in a command: its client is told, the server lives
+            import logging
+
+            logging.getLogger("leanvm.qmp").exception("QMP command failed")
+            return error_reply(f"internal error: {type(exc).__name__}: {exc}", "GenericError",
+                               ident, has_id)
         if isinstance(result, Deferred):
             return Pending(result, ident, has_id)
         return reply(result, ident, has_id)
@@ -116,3 +122,6 @@ class Pending:
             return reply(self.work.run(), self.ident, self.has_id)
         except QmpError as exc:
             return error_reply(exc.desc, exc.error_class, self.ident, self.has_id)
+        except Exception as exc:  # as in Session.handle
+            return error_reply(f"internal error: {type(exc).__name__}: {exc}", "GenericError",
+                               self.ident, self.has_id)
