@@ -275,6 +275,10 @@ RUN_VALUES = [
     (["-device", "virtio-net-pci"], "virtio-net-pci"),
     (["--virtio-discovery", "fdt"], "fdt"),
     (["-m", "128M,maxmem=1G", "--virtio-mem", "size=512M,id=platform"], "platform"),
+    (["-qmp", "tcp:4444"], "tcp:4444"), (["-qmp", "unix:"], "unix:"),
+    (["-qmp", "unix:q.sock,server=off"], "server"), (["-qmp", "unix:q.sock,frob=1"], "frob"),
+    (["-qmp", "tcp:127.0.0.1:99999,server=on"], "99999"), (["-qmp", "x" * 200], "-qmp"),
+    (["-qmp", "unix:no/such/dir/q.sock,server=on,wait=off"], "no/such/dir/q.sock"),
 ]
 
 
@@ -391,3 +395,14 @@ def test_run_refuses_a_kernel_whose_payload_is_damaged(tmp_path: Path, inprocess
     damaged.write_bytes(bytes(data))
     for mode in ("auto", "pvh"):
         inprocess("run", "-kernel", str(damaged), "--kernel-boot", mode, names=str(damaged))
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["qmp", "no-such.sock", "query-status"], "no-such.sock"),
+    (["qmp", "tcp:127.0.0.1:x", "query-status"], "tcp:127.0.0.1:x"),
+    (["qmp", "x.sock", "query-status", "novalue"], "novalue"),
+])
+def test_qmp_refuses_bad_sockets_and_arguments(argv: list[str], names: str, inprocess,
+                                              tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    inprocess(*argv, names=names)
