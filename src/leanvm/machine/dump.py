@@ -223,15 +223,32 @@ def _vmcoreinfo_record(machine: "Machine") -> bytes | None:
     return fw_cfg.file(VMCOREINFO_FILE) if VMCOREINFO_FILE in fw_cfg.files else None
 
 
+def _anonymous_only(memory: "GuestMemory") -> bool:
+    """Whether all guest RAM is anonymous memory with no file mapped over it: reading its
+    populated pages then maps nothing new into the VMM."""
+    from leanvm.memory.guest import RegionKind
+
+    return all(region.mapping.path is None and not region.mapping.overlays
+               for region in memory.regions if region.kind is RegionKind.RAM)
+
+
 def dump_stopped(machine: "Machine", request: DumpRequest,
                  progress: Callable[[int], None] | None = None) -> DumpResult:
-    """Dump a VM whose vCPUs do not run (built, or stopped). A forked child writes it, as
-    for a running VM: reading guest memory then maps nothing into this process (the pages
-    of a file overlaid on RAM that the guest never touched would otherwise be mapped in)."""
+    """Dump a VM whose vCPUs do not run (built, stopped or paused). Where a file is mapped
+    over guest RAM (a zero-copy kernel or initrd) a forked child writes it, as for a running
+    VM, so reading guest memory maps nothing into this process (the file's pages the guest
+    never touched would otherwise be mapped in); all-anonymous RAM is written from here,
+    without the fork (populated pages only are read, so nothing new is mapped either)."""
     started = time.monotonic()
     _preload(request)
     cpus = [cpu_state(vcpu) for vcpu in machine.vcpus]
     record = _vmcoreinfo_record(machine)
+    if _anonymous_only(machine.memory):  # nothing to map in: no child needed
+        source = build_source(machine, cpus, record, request)
+        size, memory = write_source(source, request, progress)
+        return DumpResult(request.path, request.format, size, memory, 0.0,
+                          time.monotonic() - started, source.vmcoreinfo is not None,
+                          tuple(source.notes))
     reader, writer = os.pipe()
     try:
         pid = os.fork()
