@@ -191,3 +191,19 @@ def test_a_command_that_breaks_is_an_error_reply_not_a_dead_server() -> None:
     reply = handle(session, '{"execute": "query-cpus-fast", "id": 3}', machine)
     assert reply["id"] == 3 and reply["error"]["desc"].startswith("internal error: AttributeError")
     assert handle(session, '{"execute": "query-status"}', machine)["return"]["status"] == "running"
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_any_hmp_line_gets_text_or_a_qmp_error(line: str) -> None:
+    from leanvm.errors import QmpError
+    from leanvm.machine.qmp.hmp import run_hmp
+
+    machine = FakeMachine()
+    if line.split()[:2] == ["info", "registers"]:
+        return  # needs vCPUs (tests/kvm/test_qmp.py)
+    try:
+        out = run_hmp(machine, line, None)  # type: ignore[arg-type]
+    except QmpError:
+        return
+    assert isinstance(out, str)
