@@ -45,8 +45,16 @@ def test_guest_plugs_unplugs_and_the_host_gets_the_pages_back(minimal_kernel: Pa
                  cmdline=CMDLINE, virtio_mem=("size=512M,requested=128M",)) as vm:
         handle = vm.virtio_mem[0]
         assert handle.address == 1 << 32 and handle.plugged_size == 0
+        sizes: list[dict] = []  # QMP's MEMORY_DEVICE_SIZE_CHANGE, at most one a second
+        vm.events.listen(lambda event: sizes.append(event.data)
+                         if event.name == "MEMORY_DEVICE_SIZE_CHANGE" else None)
         vm.start(timeout=900)
         wait_plugged(vm, 128 * MB)
+        deadline = time.monotonic() + 5
+        while (not sizes or sizes[-1]["size"] != 128 * MB) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sizes and sizes[-1] == {"id": handle.name, "size": 128 * MB,
+                                       "qom-path": f"/machine/peripheral/{handle.name}"}, sizes
         console = vm.console.decode(errors="replace")
         assert f"{PROBED}{handle.address:x}" in console  # found through ACPI
         assert "virtio_mmio.device" not in vm.kernel_cmdline

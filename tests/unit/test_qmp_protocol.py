@@ -207,3 +207,27 @@ def test_any_hmp_line_gets_text_or_a_qmp_error(line: str) -> None:
     except QmpError:
         return
     assert isinstance(out, str)
+
+
+def test_size_change_events_are_rate_limited_and_end_with_the_last_size() -> None:
+    import time
+
+    from leanvm.machine.events import MachineEvents, SizeChangeEvents
+
+    events, seen = MachineEvents(), []
+    events.listen(lambda event: seen.append(event.data["size"]))
+    size = [0]
+    listener = SizeChangeEvents(events, "vmem0", lambda: size[0], period=0.2)
+    for step in range(1, 6):  # five plugs in a row: one event now, one at the period's end
+        listener.on_populate(0, 2 << 20)  # as memory/discard.py: told, then marked
+        size[0] = step << 21
+    assert seen == [1 << 21]
+    time.sleep(0.35)
+    assert seen == [1 << 21, 5 << 21]
+    listener.on_discard(0, 2 << 20)  # same size as last sent: nothing new after the period
+    time.sleep(0.35)
+    assert seen == [1 << 21, 5 << 21]
+    size[0] = 0  # a discard is marked, then told
+    listener.on_discard(0, 2 << 20)
+    time.sleep(0.35)
+    assert seen[-1] == 0

@@ -63,3 +63,64 @@ class MachineEvents:
         for listener in listeners:
             listener(event)
         return event
+
+
+SIZE_EVENT_PERIOD = 1.0  # seconds: QEMU sends MEMORY_DEVICE_SIZE_CHANGE at most once a second
+
+
+class SizeChangeEvents:
+    """MEMORY_DEVICE_SIZE_CHANGE for one virtio-mem device, as a discard-manager listener
+    (memory/discard.py): a plug or unplug sends the device's plugged size, at most once a
+    period, as QEMU rate-limits it per device; changes within a period are folded into one
+    event at its end, which carries the size then."""
+
+    def __init__(self, events: MachineEvents, name: str, size: Callable[[], int],
+                 period: float = SIZE_EVENT_PERIOD) -> None:
+        self._events, self._name, self._size, self._period = events, name, size, period
+        self._lock = threading.Lock()
+        self._next = 0.0  # time.monotonic() before which no event goes out at once
+        self._timer: threading.Timer | None = None
+        self._last_sent: int | None = None
+
+    def on_populate(self, offset: int, size: int) -> None:
+        self.changed(size)  # told before the blocks are marked: they count already
+
+    def on_discard(self, offset: int, size: int) -> None:
+        self.changed()  # told after they are marked
+
+    def changed(self, coming: int = 0) -> None:
+        """The plugged size changed (``coming``: bytes about to count that do not yet)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._timer is not None:
+                return  # folded into the event at the end of this period
+            if now >= self._next:
+                self._next = now + self._period
+                send = True
+            else:
+                self._timer = threading.Timer(self._next - now, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+                send = False
+        if send:
+            self._send(coming)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._next = time.monotonic() + self._period
+        self._send()
+
+    def _send(self, coming: int = 0) -> None:
+        size = self._size() + coming
+        if size == self._last_sent:
+            return
+        self._last_sent = size
+        self._events.emit("MEMORY_DEVICE_SIZE_CHANGE", {
+            "id": self._name, "size": size, "qom-path": f"/machine/peripheral/{self._name}"})
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None

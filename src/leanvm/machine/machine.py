@@ -103,6 +103,13 @@ class Machine(VmParts, MachineControl):
         self.built = build(self.config, hooks, self.tracer, self._boot_trace,
                            self._resources.add, lambda: self.host_finding)
         self.state = RunState.READY
+        for handle in self.built.virtio.mem if self.built.virtio is not None else ():
+            from leanvm.machine.events import SizeChangeEvents
+
+            device = handle.device
+            device.discard.add_listener(
+                SizeChangeEvents(self.events, device.name, lambda d=device: d.plugged_size),
+                replay=False)
         if self.config.qmp is not None:
             from leanvm.machine.qmp.server import QmpServer
 
