@@ -403,3 +403,15 @@ def test_qmp_shell_drives_it(peer: Peer) -> None:
                           capture_output=True, text=True, timeout=60)
     assert '"status": "running"' in done.stdout, done.stdout + done.stderr
     assert '"present": true' in done.stdout
+
+
+def test_leanvm_qmp_speaks_to_either(peer: Peer) -> None:
+    """`leanvm qmp` is a QMP client like any other: it drives QEMU as it drives leanvm."""
+    done = subprocess.run([sys.executable, "-m", "leanvm", "qmp", str(peer.sock),
+                           "human-monitor-command", "command-line=info status"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "VM status: running" in done.stdout, done.stderr
+    bad = subprocess.run([sys.executable, "-m", "leanvm", "qmp", str(peer.sock), "query-status",
+                          "x=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "leanvm: qmp: GenericError: Parameter 'x' is unexpected"
