@@ -35,6 +35,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+USER_SPACE_MISSING = ("this host's KVM cannot run guest user space (it emulates guest kernel code "
+                      "and drops guest SYSCALLs); make test runs this on a real KVM in L1 (make "
+                      "test-nested, docs/nested.md)")
+
+
+@pytest.fixture(scope="session")
+def user_space() -> None:
+    """Skips the test, saying why, where this host's KVM cannot run guest user space (the
+    nested tier, make test-nested, runs it on a real KVM)."""
+    from leanvm.machine.host_check import check_host
+
+    finding = check_host()
+    if finding.error or finding.needs_fallback:
+        pytest.skip(USER_SPACE_MISSING)
+
+
 @pytest.fixture(scope="session")
 def guest():
     """guest(name, kind='bin') -> Path of tests/guests/programs/NAME built by gcc (cached)."""

@@ -161,13 +161,7 @@ def test_gdb_reads_kernel_variables_through_the_paging_dump(dumps: Dumps) -> Non
 
 @pytest.mark.userspace
 def test_crash_and_drgn_read_a_guest_running_a_shell_on_a_real_kvm(
-        minimal_kernel: Path, busybox_initrd: Path, tmp_path: Path) -> None:
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        pytest.skip("this host's KVM cannot run guest user space; make test runs this on a "
-                    "real KVM in L1 (make test-nested, docs/nested.md)")
+        minimal_kernel: Path, busybox_initrd: Path, tmp_path: Path, user_space: None) -> None:
     need("crash")
     with Machine(kernel=minimal_kernel, initrd=busybox_initrd, memory="256M",
                  cmdline=CMDLINE + " rdinit=/bin/sh") as vm:

@@ -18,7 +18,8 @@ from leanvm.loader.initramfs import BUSYBOX, busybox_image
 from leanvm.machine.machine import Machine
 from leanvm.machine.vcpu_loop import StopReason
 
-pytestmark = [pytest.mark.slow, pytest.mark.userspace]
+pytestmark = [pytest.mark.slow, pytest.mark.userspace,
+              pytest.mark.usefixtures("user_space")]  # conftest: skips where it cannot run
 qmp_legacy = pytest.importorskip("qemu.qmp.legacy", reason="qemu.qmp is installed by make test")
 
 READY = "leanvm-test: waiting for the power button"
@@ -33,17 +34,6 @@ dd if=/dev/input/event0 bs=24 count=1 of=/dev/null 2>/dev/null
 echo "{PRESSED}"
 poweroff -f
 """.encode()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def user_space_runs() -> None:
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        pytest.skip("this host's KVM cannot run guest user space (it emulates guest kernel "
-                    "code and drops guest SYSCALLs); make test runs this on a real KVM in L1 "
-                    "(make test-nested, docs/nested.md)")
 
 
 def test_system_powerdown_powers_a_linux_guest_off(minimal_kernel: Path, tmp_path: Path) -> None:

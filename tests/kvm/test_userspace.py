@@ -18,20 +18,10 @@ import pytest
 from leanvm.machine.machine import Machine
 from leanvm.machine.vcpu_loop import StopReason
 
-pytestmark = [pytest.mark.slow, pytest.mark.userspace]
+pytestmark = [pytest.mark.slow, pytest.mark.userspace,
+              pytest.mark.usefixtures("user_space")]  # conftest: skips where it cannot run
 KVM_CLOCK = "clocksource: Switched to clocksource kvm-clock"
 BUSYBOX_MARKER = "leanvm-init: user space is up"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def user_space_runs() -> None:
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        pytest.skip("this host's KVM cannot run guest user space (it emulates guest kernel "
-                    "code and drops guest SYSCALLs); make test runs these on a real KVM in "
-                    "L1 (make test-nested, docs/nested.md)")
 
 
 def test_minimal_kernel_runs_init_to_the_acpi_power_off_on_kvm_clock(

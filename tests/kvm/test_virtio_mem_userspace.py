@@ -27,20 +27,11 @@ import pytest
 from leanvm.errors import LeanvmError
 from leanvm.machine.machine import Machine
 
-pytestmark = [pytest.mark.slow, pytest.mark.userspace]
+pytestmark = [pytest.mark.slow, pytest.mark.userspace,
+              pytest.mark.usefixtures("user_space")]  # conftest: skips where it cannot run
 MB = 1 << 20
 PROMPT = re.compile(rb"[#$] (\x1b\[6n)?$")
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_mem")  # in dependency order
-
-
-@pytest.fixture(scope="module", autouse=True)
-def user_space_runs() -> None:
-    from leanvm.machine.host_check import check_host
-
-    finding = check_host()
-    if finding.error or finding.needs_fallback:
-        pytest.skip("this host's KVM cannot run guest user space; make test runs these on a "
-                    "real KVM in L1 (make test-nested, docs/nested.md)")
 
 
 class Shell:

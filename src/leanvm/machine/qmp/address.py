@@ -29,22 +29,23 @@ class QmpAddress(NamedTuple):
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
 
 
-def _on_off(value: str, name: str, text: str) -> bool:
+def _on_off(value: str, name: str, text: str, what: str) -> bool:
     if value in ("on", "yes", "true"):
         return True
     if value in ("off", "no", "false"):
         return False
-    raise ConfigError(f"bad -qmp {text!r}: {name}={value!r}, expected on or off")
+    raise ConfigError(f"bad {what} {text!r}: {name}={value!r}, expected on or off")
 
 
-def parse_qmp_address(text: "str | QmpAddress") -> QmpAddress:
+def parse_qmp_address(text: "str | QmpAddress", what: str = "-qmp") -> QmpAddress:
+    """``text`` as a QmpAddress; ``what`` names it in errors (-qmp, or a client's address)."""
     if isinstance(text, QmpAddress):
         return text
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"bad -qmp {text!r}: expected unix:PATH,server=on,wait=off or "
+        raise ConfigError(f"bad {what} {text!r}: expected unix:PATH,server=on,wait=off or "
                           "tcp:HOST:PORT,server=on,wait=off")
     if not text.startswith(("unix:", "tcp:")):
-        return _unix(text, text, wait=False)
+        return _unix(text, text, False, what)
     head, *options = text.split(",")
     wait = True  # QEMU's default for a server socket
     for option in options:
@@ -53,31 +54,31 @@ def parse_qmp_address(text: "str | QmpAddress") -> QmpAddress:
         if key in ("server", "wait", "nowait", "nodelay") and not eq:
             value = "on"  # QEMU's older spelling: ,server,nowait
         if key == "server":
-            if not _on_off(value, key, text):
-                raise ConfigError(f"bad -qmp {text!r}: leanvm's QMP socket is always a server "
+            if not _on_off(value, key, text, what):
+                raise ConfigError(f"bad {what} {text!r}: leanvm's QMP socket is always a server "
                                   "(server=on)")
         elif key == "wait":
-            wait = _on_off(value, key, text)
+            wait = _on_off(value, key, text, what)
         elif key == "nowait":
-            wait = not _on_off(value, key, text)
+            wait = not _on_off(value, key, text, what)
         elif key != "nodelay":
-            raise ConfigError(f"bad -qmp {text!r}: unknown option {key!r} (expected server, "
+            raise ConfigError(f"bad {what} {text!r}: unknown option {key!r} (expected server, "
                               "wait)")
     kind, _, rest = head.partition(":")
     if kind == "unix":
-        return _unix(rest, text, wait)
+        return _unix(rest, text, wait, what)
     host, colon, port = rest.rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"bad -qmp {text!r}: expected tcp:HOST:PORT with a port 0-65535 "
+        raise ConfigError(f"bad {what} {text!r}: expected tcp:HOST:PORT with a port 0-65535 "
                           "and a host to listen on, e.g. tcp:127.0.0.1:4444")
     return QmpAddress("tcp", host=host, port=int(port), wait=wait)
 
 
-def _unix(path: str, text: str, wait: bool) -> QmpAddress:
+def _unix(path: str, text: str, wait: bool, what: str) -> QmpAddress:
     if not path:
-        raise ConfigError(f"bad -qmp {text!r}: no socket path")
+        raise ConfigError(f"bad {what} {text!r}: no socket path")
     if "\0" in path or len(path.encode()) > UNIX_PATH_MAX:
-        raise ConfigError(f"bad -qmp socket path {path!r}: at most {UNIX_PATH_MAX} bytes "
+        raise ConfigError(f"bad {what} socket path {path!r}: at most {UNIX_PATH_MAX} bytes "
                           "with no NUL (a Unix socket's limit)")
     return QmpAddress("unix", path=path, wait=wait)

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from leanvm.errors import ConfigError, LeanvmError, QmpError
+from leanvm.machine.qmp.address import parse_qmp_address
 from leanvm.machine.qmp.stream import JsonSplitter
 
 
@@ -90,14 +91,12 @@ class QmpClient:
 
 
 def _connect(address: str, timeout: float) -> socket.socket:
-    if address.startswith("tcp:"):
-        host, _, port = address[4:].split(",")[0].rpartition(":")
-        if not port.isdigit():
-            raise ConfigError(f"bad QMP address {address!r}: expected tcp:HOST:PORT")
-        family, target = socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+    where = parse_qmp_address(address, "QMP address")
+    if where.kind == "tcp":
+        family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+        target: "str | tuple[str, int]" = (where.host, where.port)
     else:
-        path = address[5:].split(",")[0] if address.startswith("unix:") else address
-        family, target = socket.AF_UNIX, path  # type: ignore[assignment]
+        family, target = socket.AF_UNIX, where.path
     sock = socket.socket(family, socket.SOCK_STREAM)
     # a Unix socket connects blocking (with a timeout set, a full backlog gives EAGAIN)
     sock.settimeout(None if family == socket.AF_UNIX else timeout)

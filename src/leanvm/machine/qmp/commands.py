@@ -124,29 +124,15 @@ def _query_memory_size_summary(machine: "Machine", args: dict[str, Any]) -> Any:
 
 
 # --- run control ------------------------------------------------------------------------
-def _stop(machine: "Machine", args: dict[str, Any]) -> Any:
-    machine.pause()
-    return {}
+def _run_control(method: str) -> Callable[["Machine", dict[str, Any]], Any]:
+    """A command that calls one Machine method (pause, resume, reset, powerdown, quit) and
+    returns {}, as QEMU's stop, cont, system_reset, system_powerdown and quit do."""
 
+    def command(machine: "Machine", args: dict[str, Any]) -> Any:
+        getattr(machine, method)()
+        return {}
 
-def _cont(machine: "Machine", args: dict[str, Any]) -> Any:
-    machine.resume()
-    return {}
-
-
-def _system_reset(machine: "Machine", args: dict[str, Any]) -> Any:
-    machine.reset()
-    return {}
-
-
-def _system_powerdown(machine: "Machine", args: dict[str, Any]) -> Any:
-    machine.powerdown()
-    return {}
-
-
-def _quit(machine: "Machine", args: dict[str, Any]) -> Any:
-    machine.quit()
-    return {}
+    return command
 
 
 def _human_monitor_command(machine: "Machine", args: dict[str, Any]) -> Any:
@@ -322,11 +308,11 @@ COMMANDS: dict[str, Command] = {
     "query-kvm": Command(_query_kvm),
     "query-cpus-fast": Command(_query_cpus_fast),
     "query-memory-size-summary": Command(_query_memory_size_summary),
-    "stop": Command(_stop),
-    "cont": Command(_cont),
-    "system_reset": Command(_system_reset),
-    "system_powerdown": Command(_system_powerdown),
-    "quit": Command(_quit),
+    "stop": Command(_run_control("pause")),
+    "cont": Command(_run_control("resume")),
+    "system_reset": Command(_run_control("reset")),
+    "system_powerdown": Command(_run_control("powerdown")),
+    "quit": Command(_run_control("quit")),
     "human-monitor-command": Command(_human_monitor_command, (("command-line", "string"),),
                                      (("cpu-index", "integer"),)),
     "dump-guest-memory": Command(_dump_guest_memory,
