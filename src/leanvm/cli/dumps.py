@@ -75,7 +75,8 @@ def _write(machine: "Machine", path: Path, args: argparse.Namespace) -> bool:
         print(f"leanvm: error: {exc}", file=sys.stderr)
         return False
     finish()
-    paused = f", guest paused {result.pause_ms:.1f} ms" if result.pause_ms else ""
+    paused = (f", guest paused {result.pause_ms:.1f} ms ({result.method})"
+              if result.method != "stopped" else "")
     print(f"leanvm: dump written to {path} ({_size(result.size)}, {_size(result.memory)} of "
           f"guest memory, {result.seconds:.2f} s{paused})",
           file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from leanvm.abi import elf
 from leanvm.dump.cpu_notes import notes
-from leanvm.dump.source import DumpSource, MemoryRun, VirtualRange
+from leanvm.dump.source import DumpSource, MemoryRun, VirtualRange, chunks
 
 CHUNK = 1 << 20  # bytes handed to write() at a time
 
@@ -90,9 +90,7 @@ def write_elf(source: DumpSource, out: Sink, progress: Progress | None = None) -
     out.write(note_blob)
     done = 0
     for run in runs:
-        data = memoryview(run.data)
-        for start in range(0, len(data), CHUNK):
-            piece = data[start:start + CHUNK]
+        for piece in chunks(run.data, CHUNK):
             out.write(piece)
             done += len(piece)
             if progress is not None:

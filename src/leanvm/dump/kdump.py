@@ -36,7 +36,7 @@ from enum import Enum
 from typing import Protocol
 
 from leanvm.dump.cpu_notes import notes
-from leanvm.dump.source import PAGE, UTS_FIELDS, DumpSource, utsname
+from leanvm.dump.source import PAGE, UTS_FIELDS, DumpSource, chunks, utsname
 from leanvm.errors import ConfigError
 
 
@@ -240,9 +240,7 @@ def _write_pages(source: DumpSource, writer: "_Raw | _Flat", compress: Callable[
     pending, pending_at = bytearray(zero_packed), data_offset
     cursor, done = data_offset + len(zero_packed), 0
     for run in source.runs:
-        data = memoryview(run.data)
-        for chunk in range(0, len(data), len(_ZERO_CHUNK)):
-            piece = data[chunk:chunk + len(_ZERO_CHUNK)]
+        for piece in chunks(run.data, len(_ZERO_CHUNK)):
             done += len(piece) // PAGE
             # compared as bytes: memoryview == bytes goes byte by byte (8 us a zero page)
             if bytes(piece) == _ZERO_CHUNK[:len(piece)]:  # 2 MiB of zeros at a time

@@ -4,7 +4,7 @@ kernel's VMCOREINFO. The writers (elf.py, kdump.py) read only this."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from leanvm.errors import ConfigError
@@ -36,12 +36,35 @@ class CpuState:
     kernel_gs_base: int = 0
 
 
+class LazyBytes:
+    """Bytes read only when asked for, through ``read(start, size)``: a live dump's child
+    reads guest memory from the VMM this way. Slicing gives a window (nothing read);
+    ``bytes()`` reads it."""
+
+    __slots__ = ("_read", "_start", "_size")
+
+    def __init__(self, read: Callable[[int, int], bytes], start: int, size: int) -> None:
+        self._read, self._start, self._size = read, start, size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key: slice) -> "LazyBytes":
+        start, stop, step = key.indices(self._size)
+        if step != 1:
+            raise ValueError("LazyBytes slices have step 1")
+        return LazyBytes(self._read, self._start + start, max(0, stop - start))
+
+    def __bytes__(self) -> bytes:
+        return self._read(self._start, self._size)
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryRun:
     """``len(data)`` bytes of guest-physical memory at ``paddr`` (page aligned, whole pages)."""
 
     paddr: int
-    data: "memoryview | bytes"
+    data: "memoryview | bytes | LazyBytes"
 
     @property
     def end(self) -> int:
@@ -117,6 +140,15 @@ def utsname(source: DumpSource) -> dict[str, bytes] | None:
             b"\0" not in value for value in fields.values()):
         return None
     return {name: value.split(b"\0", 1)[0] for name, value in fields.items()}
+
+
+def chunks(data: "memoryview | bytes | LazyBytes", size: int
+           ) -> "Iterator[memoryview | bytes]":
+    """``data`` in pieces of ``size`` bytes (the last may be shorter), read as they go."""
+    view = data if isinstance(data, LazyBytes) else memoryview(data)
+    for start in range(0, len(view), size):
+        piece = view[start:start + size]
+        yield bytes(piece) if isinstance(piece, LazyBytes) else piece
 
 
 def read_physical(runs: Sequence[MemoryRun], address: int, size: int) -> bytes | None:

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 from leanvm.errors import ConfigError, GuestError, LeanvmError
 
 if TYPE_CHECKING:
-    from leanvm.dump.source import CpuState, DumpSource, MemoryRun
+    from leanvm.dump.source import CpuState, DumpSource, LazyBytes, MemoryRun
     from leanvm.kvm.vcpu import Vcpu
+    from leanvm.machine.live_dump import Tracker
     from leanvm.machine.machine import Machine
-    from leanvm.memory.guest import GuestMemory
+    from leanvm.memory.guest import GuestMemory, GuestRegion
 
 FORMATS = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy", "kdump-zstd",
            "kdump-raw-zlib", "kdump-raw-lzo", "kdump-raw-snappy", "kdump-raw-zstd")
@@ -50,6 +51,9 @@ class DumpResult:
     seconds: float  # from the request to the renamed file
     vmcoreinfo: bool  # whether the guest had published VMCOREINFO
     notes: tuple[str, ...] = ()
+    # how: "stopped" (the vCPUs did not run), "protect" (live, write-protection: a pause
+    # that does not grow with memory) or "fork" (live, a fork of guest RAM)
+    method: str = "stopped"
 
 
 def check_format(name: str) -> str:
@@ -104,10 +108,14 @@ def guest_vmcoreinfo(memory: "GuestMemory", record: bytes | None) -> bytes | Non
     return parsed[2].split(b"\0", 1)[0]
 
 
-def memory_runs(memory: "GuestMemory", pid: int | str = "self"
+def memory_runs(memory: "GuestMemory", pid: int | str = "self", *,
+                held_of: "Callable[[GuestRegion], list[tuple[int, int]]] | None" = None,
+                data_of: "Callable[[GuestRegion, int, int], LazyBytes] | None" = None
                 ) -> "tuple[list[MemoryRun], list[tuple[int, int]]]":
     """The populated guest RAM as runs (views into guest memory, nothing read), and the
-    guest RAM that is plugged in, as (start, end)."""
+    guest RAM that is plugged in, as (start, end). ``held_of(region)`` and
+    ``data_of(region, offset, length)`` replace, for anonymous RAM, the pagemap of ``pid``
+    and the views (a live dump's child, which does not map guest RAM, reads it so)."""
     from leanvm.dump.source import MemoryRun
     from leanvm.memory.guest import RegionKind
     from leanvm.memory.populated import held_runs, intersect, merge
@@ -125,10 +133,13 @@ def memory_runs(memory: "GuestMemory", pid: int | str = "self"
         else:
             held = held_cache.get(id(region))
             if held is None:
-                held = merge(held_runs(mapping.address, region.size, pid), mapping.overlays)
+                held = (held_of(region) if held_of is not None else
+                        merge(held_runs(mapping.address, region.size, pid), mapping.overlays))
                 held_cache[id(region)] = held
         for start, length in intersect(held, offset, offset + size):
-            runs.append(MemoryRun(region.base + start, region.view[start:start + length]))
+            data = (region.view[start:start + length] if data_of is None
+                    else data_of(region, start, length))
+            runs.append(MemoryRun(region.base + start, data))
     runs.sort(key=lambda run: run.paddr)
     return runs, ram
 
@@ -175,13 +186,21 @@ class DumpRequest:
 
 def build_source(machine: "Machine", cpus: "list[CpuState]", record: bytes | None,
                  request: DumpRequest, pid: int | str = "self") -> "DumpSource":
+    runs, ram = memory_runs(machine.memory, pid)
+    return assemble_source(machine, runs, ram, cpus, guest_vmcoreinfo(machine.memory, record),
+                           request, machine.memory)
+
+
+def assemble_source(machine: "Machine", runs: "list[MemoryRun]", ram: list[tuple[int, int]],
+                    cpus: "list[CpuState]", vmcoreinfo: bytes | None, request: DumpRequest,
+                    memory: "GuestMemory") -> "DumpSource":
+    """The DumpSource from its parts: ``memory`` (its read() and regions) for the page
+    tables that ``paging`` walks."""
     from leanvm.dump.source import DumpSource, clip
 
-    memory = machine.memory
-    runs, ram = memory_runs(memory, pid)
     if request.begin is not None and request.length is not None:
         runs = clip(runs, request.begin, request.length)
-    source = DumpSource(runs, cpus, ram, guest_vmcoreinfo(memory, record))
+    source = DumpSource(runs, cpus, ram, vmcoreinfo)
     if source.vmcoreinfo is None and machine.config.kernel is not None:
         source.notes.append("no VMCOREINFO: the guest kernel did not publish it (fw_cfg "
                             "etc/vmcoreinfo, Linux's qemu_fw_cfg driver); crash and drgn "
@@ -260,7 +279,7 @@ def dump_stopped(machine: "Machine", request: DumpRequest,
         os.close(reader)
         _child(machine, cpus, record, request, writer)
     os.close(writer)
-    return LiveDump(pid, reader, request, 0.0, started, progress).wait()
+    return LiveDump(pid, reader, request, 0.0, started, progress, method="stopped").wait()
 
 
 class LiveDump:
@@ -268,8 +287,11 @@ class LiveDump:
     DumpResult (or the error the child reported)."""
 
     def __init__(self, pid: int, reader: int, request: DumpRequest, pause_ms: float,
-                 started: float, progress: Callable[[int], None] | None) -> None:
+                 started: float, progress: Callable[[int], None] | None,
+                 on_end: Callable[[], None] | None = None, method: str = "fork") -> None:
         self.pid = pid
+        self.method = method
+        self._on_end = on_end
         self.request = request
         self.pause_ms = pause_ms
         self._started = started
@@ -303,6 +325,8 @@ class LiveDump:
                     else:
                         final = message
         _, status = os.waitpid(self.pid, 0)
+        if self._on_end is not None:
+            self._on_end()
         if final is None or "error" in final:
             why = final["error"] if final else f"the dump process ended with status {status}"
             self._error = LeanvmError(why)
@@ -310,7 +334,7 @@ class LiveDump:
         self._result = DumpResult(self.request.path, self.request.format, final["size"],
                                   final["memory"], self.pause_ms,
                                   time.monotonic() - self._started, final["vmcoreinfo"],
-                                  tuple(final["notes"]))
+                                  tuple(final["notes"]), self.method)
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -341,11 +365,19 @@ def _preload(request: DumpRequest) -> None:
 
 def _child(machine: "Machine", cpus: "list[CpuState]", record: bytes | None,
            request: DumpRequest, writer: int) -> None:
-    """In the forked child: write the dump, report, and end without running any of the
-    parent's clean-up (os._exit)."""
+    """In a child forked with guest RAM: write the dump of its copy."""
+    report_child(writer, request, lambda: build_source(machine, cpus, record, request))
+
+
+def report_child(writer: int, request: DumpRequest, build: "Callable[[], DumpSource]",
+                 tracker: "Tracker | None" = None) -> None:
+    """In the forked child: build the source, write the dump, report on ``writer``, and
+    end without running any of the parent's clean-up (os._exit). With a ``tracker``
+    (machine/live_dump.py) its fault-serving thread runs throughout."""
     import json
 
     status = 1
+    thread = None
     try:
         gc.disable()
 
@@ -360,7 +392,11 @@ def _child(machine: "Machine", cpus: "list[CpuState]", record: bytes | None,
                 last[0] = now
                 say({"progress": done})
 
-        source = build_source(machine, cpus, record, request)
+        if tracker is not None:
+            from leanvm.machine.live_dump import start_serving
+
+            thread = start_serving(tracker)
+        source = build()
         say({"total": source.size})
         size, memory = write_source(source, request, progress)
         say({"size": size, "memory": memory, "vmcoreinfo": source.vmcoreinfo is not None,
@@ -374,13 +410,37 @@ def _child(machine: "Machine", cpus: "list[CpuState]", record: bytes | None,
         except BaseException:
             pass
     finally:
+        if tracker is not None:
+            tracker.finish.set()
+            if thread is not None:
+                thread.join(120)
         os._exit(status)
 
 
 def dump_live(machine: "Machine", request: DumpRequest,
-              progress: Callable[[int], None] | None = None) -> LiveDump:
+              progress: Callable[[int], None] | None = None, *,
+              method: str = "auto") -> LiveDump:
+    """Dump a running VM without stopping it. ``method`` "protect" (machine/live_dump.py:
+    write-protection, a pause that does not grow with guest memory), "fork", or "auto":
+    protect where the host and the guest's RAM allow, else fork."""
+    if method not in ("auto", "protect", "fork"):
+        raise ConfigError(f"bad live dump method {method!r}: expected auto, protect or fork")
+    if method != "fork":
+        from leanvm.machine.live_dump import dump_protected
+        from leanvm.memory.userfaultfd import UffdUnavailable
+
+        try:
+            return dump_protected(machine, request, progress)
+        except UffdUnavailable:
+            if method == "protect":
+                raise
+    return dump_forked(machine, request, progress)
+
+
+def dump_forked(machine: "Machine", request: DumpRequest,
+                progress: Callable[[int], None] | None = None) -> LiveDump:
     """Dump a running VM: hold its vCPUs, read their registers, fork, let them go; the
-    child writes the dump."""
+    child writes the dump from its copy-on-write copy of guest RAM."""
     gate = machine.pause_gate
     started = time.monotonic()
     _preload(request)

@@ -17,6 +17,7 @@ PROT_NONE = 0  # a reservation: no access until something is mapped over it
 MAP_FIXED = 0x10  # place the mapping exactly at the address given (over a reservation)
 MADV_RANDOM = 1  # no read-ahead around faults on this range
 MADV_DONTNEED = 4  # drop the pages; anonymous memory reads as zero afterwards
+MADV_DONTFORK, MADV_DOFORK = 10, 11  # leave the range out of fork() children, or not
 
 
 @lru_cache(maxsize=1)
@@ -63,6 +64,13 @@ class HostMapping:
         if _libc().madvise(self.address + offset, length, MADV_DONTNEED) != 0:
             err = ctypes.get_errno()
             raise LeanvmError(f"madvise(MADV_DONTNEED) failed: {os.strerror(err)}")
+
+    def inherit(self, on: bool) -> None:
+        """Whether a fork() child gets this mapping (MADV_DOFORK) or not (MADV_DONTFORK)."""
+        if _libc().madvise(self.address, self.size, MADV_DOFORK if on else MADV_DONTFORK) != 0:
+            err = ctypes.get_errno()
+            raise LeanvmError(f"madvise(MADV_{'DO' if on else 'DONT'}FORK) failed: "
+                              f"{os.strerror(err)}")
 
     def overlay_file(self, offset: int, length: int, path: str, file_offset: int = 0) -> None:
         """Map ``length`` bytes of ``path`` from ``file_offset`` privately over
