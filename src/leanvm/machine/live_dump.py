@@ -143,9 +143,10 @@ class Tracker:
         from leanvm.memory.populated import held_flags
 
         self._serve_faults()
-        for address, size in self.dropped:  # unprotected since: what do they hold now?
-            flags, index = self._flags(address)
-            flags[index:index + size // PAGE] = held_flags(address, size, self.pid)
+        for address, size in self.dropped:  # emptied since: what has been written there?
+            flags, index = self._flags(address)  # (the protection of an empty page may or may
+            flags[index:index + size // PAGE] = held_flags(  # not outlive a discard, by kernel)
+                address, size, self.pid, present_only=True)
         for address, size in _ranges(list(self.written)) + self.dropped:
             self.uffd.protect(address, size)
         self.copying = True
