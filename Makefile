@@ -23,9 +23,13 @@ run: $(STAMP) bytecode
 
 # The whole suite, then the tests that need guest user space again on a real KVM in L1
 # where this host's KVM cannot run them (scripts/nested-kvm says why it runs or skips).
+# Last, this host's crash and drgn read the dumps of Debian's stock kernel made in L1 (or
+# here, on a host whose KVM runs user space), with Debian's debug vmlinux (docs/dump.md).
 test: $(STAMP)
+	rm -rf $(NESTED_FILES)/stock-dumps
 	$(PY) -m pytest -q
-	$(PY) scripts/nested-kvm --if-needed --timeout $(NESTED_TIMEOUT) -- $(NESTED_PYTEST)
+	$(PY) scripts/nested-kvm --if-needed --timeout $(NESTED_TIMEOUT) --out $(NESTED_FILES) -- $(NESTED_PYTEST)
+	$(STOCK_READERS)
 
 # Tests that need guest user space (-m userspace), in an L1 Linux under QEMU TCG with SVM:
 # its kvm_amd is a real KVM (docs/nested.md).
@@ -33,8 +37,15 @@ test: $(STAMP)
 # an intermittent hang of the nested virtio-mem tests was seen and is not yet explained.
 NESTED_TIMEOUT ?= 2400
 NESTED_PYTEST = $(PY) -m pytest -q -p no:cacheprovider -m userspace -rA -o faulthandler_timeout=900 tests/kvm
+NESTED_FILES = build/nested-out
+STOCK_READERS = if [ -f $(NESTED_FILES)/stock-dumps/about.json ]; then \
+	LEANVM_STOCK_DUMPS=$(NESTED_FILES)/stock-dumps $(PY) -m pytest -q -p no:cacheprovider -rA \
+	tests/kvm/test_dump_stock.py -k read; \
+	else echo "no stock-kernel dumps were made: their readers did not run"; fi
 test-nested: $(STAMP)
-	$(PY) scripts/nested-kvm --timeout $(NESTED_TIMEOUT) -- $(NESTED_PYTEST)
+	rm -rf $(NESTED_FILES)/stock-dumps
+	$(PY) scripts/nested-kvm --timeout $(NESTED_TIMEOUT) --out $(NESTED_FILES) -- $(NESTED_PYTEST)
+	$(STOCK_READERS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -88,12 +88,13 @@ class Tracker:
         self.held = {address: bytearray(size // PAGE) for address, size in ranges}
         self.written: set[int] = set()  # pages written while arming
         self.dropped: list[tuple[int, int]] = []  # ranges discarded while arming
-        self.saved: dict[int, bytes] = {}
+        self.saved: dict[int, bytes] = {}  # page -> its bytes at the snapshot
         self.lock = threading.Lock()
         self.snapshot = threading.Event()
         self.finish = threading.Event()
         self.message: Any = None  # what the VMM sent with the snapshot
         self.faults = 0
+        self.error: BaseException | None = None  # why serving stopped early, if it did
 
     def _flags(self, address: int) -> tuple[bytearray, int]:
         """The held bytes of the range holding ``address``, and its page's index there."""
@@ -137,7 +138,7 @@ class Tracker:
         with self.lock:
             for at in wanted:
                 offset = at - wanted[0]
-                self.saved[address + at] = data[offset:offset + PAGE]
+                self.saved[address + at] = bytes(data[offset:offset + PAGE])
 
     def _take_snapshot(self) -> None:
         from leanvm.memory.populated import held_flags
@@ -193,6 +194,8 @@ class Tracker:
                         self._serve_faults()
                     else:
                         self._request()
+        except BaseException as exc:  # the writer fails rather than write a torn dump
+            self.error = exc
         finally:
             self.finish.set()
             for address, size in self.ranges:  # the guest writes freely again
@@ -208,17 +211,17 @@ class Tracker:
         """Guest memory as it was at the snapshot: read from the VMM, then the saved old
         bytes of every page written since laid over it (saved before the write lands, so
         whatever the read raced with is covered)."""
+        if self.error is not None:
+            raise LeanvmError(f"the live dump lost track of guest writes: {self.error}")
         data = read_remote(self.pid, address, size)
         with self.lock:
             saved = self.saved
-            if not saved:
-                return data
-            out = bytearray(data)
-            for at in range(0, size, PAGE):
-                old = saved.get(address + at)
-                if old is not None:
-                    out[at:at + PAGE] = old
-        return bytes(out)
+            if saved:
+                for at in range(0, size, PAGE):
+                    old = saved.get(address + at)
+                    if old is not None:
+                        data[at:at + PAGE] = old
+        return bytes(data)
 
     def held_runs(self, address: int) -> list[tuple[int, int]]:
         """(offset, length) of the pages of the range at ``address`` that held memory at

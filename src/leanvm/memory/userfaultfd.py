@@ -104,15 +104,15 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def read_remote(pid: int, address: int, size: int) -> bytes:
+def read_remote(pid: int, address: int, size: int) -> bytearray:
     """``size`` bytes at ``address`` in process ``pid`` (process_vm_readv; needs the right
     to ptrace it, as a parent's child of the same user has)."""
-    buffer = ctypes.create_string_buffer(size)
-    local = _Iovec(ctypes.addressof(buffer), size)
-    remote = _Iovec(address, size)
+    buffer = bytearray(size)
+    base = ctypes.addressof((ctypes.c_char * size).from_buffer(buffer)) if size else 0
+    local, remote = _Iovec(), _Iovec()
     done = 0
     while done < size:
-        local.base, local.len = ctypes.addressof(buffer) + done, size - done
+        local.base, local.len = base + done, size - done
         remote.base, remote.len = address + done, size - done
         got = _libc().process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got <= 0:
@@ -120,4 +120,4 @@ def read_remote(pid: int, address: int, size: int) -> bytes:
             raise LeanvmError(f"reading {size} bytes at {address:#x} of process {pid}: "
                               f"{os.strerror(err) if got < 0 else 'nothing read'}")
         done += got
-    return buffer.raw
+    return buffer
