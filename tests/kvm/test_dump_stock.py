@@ -90,8 +90,9 @@ def test_crash_and_drgn_read_the_stock_kernel_dumps() -> None:
         text = crash(vmlinux, dumps / name)
         assert re.search(rf"RELEASE: {re.escape(release)}\b", text), text
         assert "Run /bin/sh as init process" in text  # log: the kernel's own messages
-        assert re.search(r"^\s*1\s+0\s+\d+\s+\S+\s+\S+\s+[\d.]+\s+\d+\s+\d+\s+sh\s*$", text,
-                         re.M), f"crash's ps does not list init (sh):\n{text[-4000:]}"
+        # ps: crash 8.0.2 finds only the task on the CPU in this kernel (6.1.192), in QEMU
+        # 7.2's dumps of it as in ours (docs/dump.md); drgn walks the task list
+        assert re.search(r"^>\s+0\s+0\s+0\s+[0-9a-f]+\s+RU\s.*\[swapper/0\]$", text, re.M), text
         tasks = drgn_tasks(vmlinux, dumps / name)
         assert "1 sh" in tasks and re.search(r"^\d+ sleep$", tasks, re.M), tasks
     print(f"read with {vmlinux}: {about}", file=sys.stderr)
