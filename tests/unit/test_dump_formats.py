@@ -245,3 +245,38 @@ def test_a_hostile_utsname_gives_fixed_size_placeholders(blob: bytes, symbol: st
     fields = header[2:8]
     assert all(len(f) == 65 and f[-1] == 0 and f[0] != 0 for f in fields)
     assert fields[0].rstrip(b"\0") == b"Linux"
+
+
+def test_lazy_runs_write_the_same_files_as_bytes_and_read_only_what_is_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from leanvm.dump.source import LazyBytes
+
+    monkeypatch.setattr("leanvm.dump.kdump.time.time", lambda: 1.7e9)  # the header's date
+    memory = pattern(40, 9)
+    reads: list[tuple[int, int]] = []
+
+    def read(start: int, size: int) -> bytes:
+        reads.append((start, size))
+        return memory[start:start + size]
+
+    plain = [MemoryRun(0x100000, memory[:20 * PAGE]), MemoryRun(0x400000, memory[20 * PAGE:])]
+    lazy = [MemoryRun(0x100000, LazyBytes(read, 0, 20 * PAGE)),
+            MemoryRun(0x400000, LazyBytes(read, 20 * PAGE, 20 * PAGE))]
+    window = clip(lazy, 0x104000, 0x300000)  # a window reads nothing yet
+    assert [(r.paddr, len(r.data)) for r in window] == [
+        (r.paddr, len(r.data)) for r in clip(plain, 0x104000, 0x300000)]
+    assert reads == []
+    assert bytes(window[1].data) == memory[20 * PAGE:24 * PAGE]  # (0x400000-0x404000)
+    reads.clear()
+    for kind in ("elf", "kdump"):
+        files = []
+        for runs in (plain, lazy):
+            out = io.BytesIO()
+            src = DumpSource(runs, [cpu(0)], [(0x100000, 0x500000)], VMCOREINFO)
+            if kind == "elf":
+                write_elf(src, out)
+            else:
+                write_kdump(src, out, Compression.ZLIB)
+            files.append(out.getvalue())
+        assert files[0] == files[1], kind
+    assert sum(size for _, size in reads) == 2 * len(memory)  # each byte once per file
