@@ -63,12 +63,16 @@ def steps(core: Path, elf: Path) -> tuple[int, list[int]]:
                      for i in range(SWEEP_PAGES)]
 
 
-@pytest.mark.parametrize("method", ["protect", "fork"])
+@pytest.mark.parametrize("method", ["protect", "protect-rearming", "fork"])
 def test_a_live_dump_is_one_instant_of_a_guest_writing_many_pages(
-        method: str, dumpme: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if method == "protect":
+        method: str, dumpme: Path, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if method.startswith("protect"):
         request.getfixturevalue("protection")
-    with Machine(MachineConfig(memory="64M", guest=dumpme, args="sweep")) as vm:
+    if method == "protect-rearming":  # every write while arming is protected again first
+        monkeypatch.setattr("leanvm.machine.live_dump.REARM_PAGES", 0)
+        method = "protect"
+    with Machine(MachineConfig(memory="256M", guest=dumpme, args="sweep")) as vm:  # 4 chunks to arm
         vm.wait_for_console("dump me", timeout=60)
         address = symbol(dumpme, "dump_counter")
         deadline = time.monotonic() + 60

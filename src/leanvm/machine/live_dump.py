@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 PAGE = 4096
 ARM_CHUNK = 64 << 20  # bytes protected per ioctl while arming (faults are served between)
+REARM_PAGES = 2048  # pages written while arming above which they are protected again first
+REARM_PASSES = 3  # at most, so that a guest that writes everything still gets its dump
 ARM_TIMEOUT = 60.0  # seconds the VMM waits for the child to arm
 REPLY_TIMEOUT = 30.0  # seconds the VMM waits for an answer to a snapshot or a discard
 ZERO_PAGE = bytes(PAGE)
@@ -184,10 +186,18 @@ class Tracker:
         selector.register(self.control.fileno(), selectors.EVENT_READ, "control")
         pending = [(a + o, min(ARM_CHUNK, n - o)) for a, n in self.ranges
                    for o in range(0, n, ARM_CHUNK)]
+        passes = 0
         try:
             while not self.finish.is_set():
                 if pending:
-                    self._arm(*pending.pop(0))
+                    address, size = pending.pop(0)
+                    if passes:  # known held: protect again, no pagemap needed
+                        self.uffd.protect(address, size)
+                    else:
+                        self._arm(address, size)
+                    if not pending and len(self.written) > REARM_PAGES and passes < REARM_PASSES:
+                        passes += 1  # a busy guest: protect its writes again before the pause
+                        pending, self.written = _ranges(list(self.written)), set()
                     self.armed = not pending
                 for key, _ in selector.select(0 if pending else 0.05):
                     if key.data == "fault":
