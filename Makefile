@@ -33,8 +33,9 @@ test: $(STAMP)
 
 # Tests that need guest user space (-m userspace), in an L1 Linux under QEMU TCG with SVM:
 # its kvm_amd is a real KVM (docs/nested.md).
-# A test still running after 900 s has every thread's stack dumped (faulthandler_timeout):
-# an intermittent hang of the nested virtio-mem tests was seen and is not yet explained.
+# A test still running after 900 s has every thread's stack dumped (faulthandler_timeout).
+# L1 itself has been seen to freeze (docs/nested.md): scripts/nested-kvm sees it and boots
+# L1 again, within NESTED_TIMEOUT for all attempts.
 NESTED_TIMEOUT ?= 2400
 NESTED_PYTEST = $(PY) -m pytest -q -p no:cacheprovider -m userspace -rA -o faulthandler_timeout=900 tests/kvm
 NESTED_FILES = build/nested-out
