@@ -93,7 +93,7 @@ def test_crash_and_drgn_read_the_stock_kernel_dumps() -> None:
         # ps: crash 8.0.2 finds little more than the task on the CPU in this kernel
         # (6.1.192), in QEMU 7.2's dumps of it as in ours (docs/dump.md); drgn walks the
         # task list, and holds crash's active task
-        active = re.search(r"^>\s+(\d+)\s+\d+\s+0\s+[0-9a-f]+\s+[A-Z]+\s.*\s(\S+)$", text, re.M)
+        active = re.search(r"^>\s+(\d+)\s+-?\d+\s+0\s+[0-9a-f]+\s+[A-Z]+\s.*\s(\S+)$", text, re.M)
         assert active, f"crash's ps shows no active task:\n{text[-4000:]}"
         tasks = drgn_tasks(vmlinux, dumps / name)
         assert "1 sh" in tasks and re.search(r"^\d+ sleep$", tasks, re.M), tasks
