@@ -159,20 +159,30 @@ def test_gdb_reads_kernel_variables_through_the_paging_dump(dumps: Dumps) -> Non
     assert "Linux version 6.1" in done.stdout
 
 
+def shell_dumps(vm: Machine, out: Path, first: str = "", boot: float = 600, prompt: float = 540,
+                step: float = 60) -> tuple:
+    """Boot ``vm`` to its busybox shell, run ``first`` and a background sleep, take a live
+    ELF and a kdump-raw-zlib dump into ``out``, power off: the two DumpResults."""
+    vm.start(timeout=boot)
+    vm.wait_for_console(re.compile(rb"[#$] (\x1b\[6n)?$"), timeout=prompt)
+    # the shell's own sleep gives the background one the CPU to exec (else it may still be
+    # a forked sh when the dump is taken)
+    vm.send_input(f"{first}sleep 1000 & sleep 1; echo started-$((6 * 7))\n".encode())
+    vm.wait_for_console("started-42", timeout=step)
+    elf = vm.dump(out / "vmcore.elf", "elf")
+    kdump = vm.dump(out / "vmcore.kdump", "kdump-raw-zlib")
+    vm.send_input(b"poweroff -f\n")
+    vm.wait(step)
+    return elf, kdump
+
+
 @pytest.mark.userspace
 def test_crash_and_drgn_read_a_guest_running_a_shell_on_a_real_kvm(
         minimal_kernel: Path, busybox_initrd: Path, tmp_path: Path, user_space: None) -> None:
     need("crash")
     with Machine(kernel=minimal_kernel, initrd=busybox_initrd, memory="256M",
                  cmdline=CMDLINE + " rdinit=/bin/sh") as vm:
-        vm.start(timeout=600)
-        vm.wait_for_console(re.compile(rb"[#$] (\x1b\[6n)?$"), timeout=540)
-        vm.send_input(b"sleep 1000 & echo started-$((6 * 7))\n")
-        vm.wait_for_console("started-42", timeout=60)
-        elf = vm.dump(tmp_path / "vmcore.elf", "elf")
-        kdump = vm.dump(tmp_path / "vmcore.kdump", "kdump-raw-zlib")
-        vm.send_input(b"poweroff -f\n")
-        vm.wait(60)
+        elf, kdump = shell_dumps(vm, tmp_path)
     vmlinux = minimal_kernel.with_name("vmlinux")
     for result in (elf, kdump):
         text = crash(vmlinux, result.path)

@@ -23,10 +23,9 @@ import pytest
 
 from leanvm.machine.machine import Machine
 
-from test_dump_linux import crash, drgn_tasks, need
+from test_dump_linux import crash, drgn_tasks, need, shell_dumps
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPT = re.compile(rb"[#$] (\x1b\[6n)?$")
 
 
 def stock_kernel() -> tuple[str, str]:
@@ -55,14 +54,8 @@ def test_the_stock_kernel_running_a_shell_is_dumped_live(tmp_path: Path,
     out.mkdir(parents=True, exist_ok=True)
     with Machine(kernel=kernel, initrd=initrd, memory="512M",
                  cmdline="console=ttyS0 rdinit=/bin/sh") as vm:
-        vm.start(timeout=900)
-        vm.wait_for_console(PROMPT, timeout=600)
-        vm.send_input(b"insmod /qemu_fw_cfg.ko; sleep 1000 & echo started-$((6 * 7))\n")
-        vm.wait_for_console("started-42", timeout=120)
-        elf = vm.dump(out / "vmcore.elf", "elf")
-        kdump = vm.dump(out / "vmcore.kdump", "kdump-raw-zlib")
-        vm.send_input(b"poweroff -f\n")
-        vm.wait(120)
+        elf, kdump = shell_dumps(vm, out, "insmod /qemu_fw_cfg.ko; ", boot=900, prompt=600,
+                                 step=120)
     assert elf.vmcoreinfo and kdump.vmcoreinfo, "the kernel did not publish VMCOREINFO"
     (out / "about.json").write_text(json.dumps({"release": version, "methods": [
         elf.method, kdump.method], "pause_ms": [elf.pause_ms, kdump.pause_ms]}))

@@ -3,28 +3,19 @@ sets is checked after olddefconfig (Kconfig drops options with unmet dependencie
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build-kernel"
 
 
-def load_builder():
-    loader = importlib.machinery.SourceFileLoader("build_kernel", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("build_kernel", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-builder = load_builder()
+builder = load_script("build-kernel")
 
 
 def test_parse_reads_set_and_unset_lines_and_ignores_comments() -> None:

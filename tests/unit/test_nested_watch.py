@@ -4,8 +4,6 @@ and one that runs past the time it has is stopped."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -13,19 +11,14 @@ from types import ModuleType
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about 25 s of waiting on stand-in processes
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nested-kvm"
+pytestmark = pytest.mark.slow  # about 25 s of waiting on stand-in processes
 
 
 @pytest.fixture(scope="module")
 def nested() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("nested_kvm", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("nested_kvm", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load_script("nested-kvm")
 
 
 def test_a_process_that_uses_no_cpu_is_stopped_as_frozen(nested: ModuleType,

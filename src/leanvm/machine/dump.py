@@ -245,10 +245,8 @@ def _vmcoreinfo_record(machine: "Machine") -> bytes | None:
 def _anonymous_only(memory: "GuestMemory") -> bool:
     """Whether all guest RAM is anonymous memory with no file mapped over it: reading its
     populated pages then maps nothing new into the VMM."""
-    from leanvm.memory.guest import RegionKind
-
     return all(region.mapping.path is None and not region.mapping.overlays
-               for region in memory.regions if region.kind is RegionKind.RAM)
+               for region in memory.ram_regions())
 
 
 def dump_stopped(machine: "Machine", request: DumpRequest,

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from leanvm.errors import LeanvmError
+from leanvm.errors import GuestError, LeanvmError
 from leanvm.memory.userfaultfd import UffdUnavailable, Userfaultfd, read_remote
 
 if TYPE_CHECKING:
@@ -56,12 +56,6 @@ REARM_PASSES = 3  # at most, so that a guest that writes everything still gets i
 ARM_TIMEOUT = 60.0  # seconds the VMM waits for the child to arm
 REPLY_TIMEOUT = 30.0  # seconds the VMM waits for an answer to a snapshot or a discard
 ZERO_PAGE = bytes(PAGE)
-
-
-def ram_regions(regions: "list[GuestRegion]") -> "list[GuestRegion]":
-    from leanvm.memory.guest import RegionKind
-
-    return [r for r in regions if r.kind is RegionKind.RAM]
 
 
 def _ranges(pages: list[int]) -> list[tuple[int, int]]:
@@ -247,12 +241,11 @@ class _RemoteMemory:
 
     def __init__(self, machine: "Machine", tracker: Tracker) -> None:
         self.regions = machine.memory.regions
+        self._ram = machine.memory.ram_regions()
         self._tracker = tracker
 
     def read(self, address: int, size: int) -> bytes:
-        from leanvm.errors import GuestError
-
-        for region in ram_regions(self.regions):
+        for region in self._ram:
             if region.base <= address and address + size <= region.base + region.size:
                 return self._tracker.read(region.mapping.address + address - region.base, size)
         raise GuestError(f"guest-physical {address:#x} is not RAM")
@@ -263,7 +256,7 @@ class _DiscardTap:
     saves what it needs of it. Added last, so it hears a discard before the memory
     manager gives the pages back."""
 
-    def __init__(self, ask: Callable[[tuple], None], region: "GuestRegion") -> None:
+    def __init__(self, ask: Callable[[tuple], Any], region: "GuestRegion") -> None:
         self._ask, self._region = ask, region
         self.active = True
 
@@ -376,7 +369,7 @@ def _tracking(machine: "Machine") -> tuple[Userfaultfd, list[tuple[int, int]]]:
 
     if not _anonymous_only(machine.memory):
         raise UffdUnavailable("files are mapped over guest RAM")
-    ranges = [(r.mapping.address, r.size) for r in ram_regions(machine.memory.regions)]
+    ranges = [(r.mapping.address, r.size) for r in machine.memory.ram_regions()]
     uffd = Userfaultfd()
     try:
         for address, size in ranges:
@@ -400,7 +393,7 @@ def dump_protected(machine: "Machine", request: "DumpRequest",
     channel = _Channel(Connection(os.dup(ours.fileno())))
     ours.close()
     reader, writer = os.pipe()
-    regions = ram_regions(machine.memory.regions)
+    regions = machine.memory.ram_regions()
     untap = _tap_discards(regions, channel)  # before arming: no discard goes unheard
     try:
         pid = _fork_without_ram(regions)

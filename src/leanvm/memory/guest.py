@@ -172,6 +172,10 @@ class GuestMemory:
     def read_u64(self, address: int) -> int:
         return struct.unpack("<Q", self.read(address, 8))[0]
 
+    def ram_regions(self) -> list[GuestRegion]:
+        """The regions of guest RAM (not flash, ROM or device windows)."""
+        return [r for r in self._regions if r.kind is RegionKind.RAM]
+
     @property
     def ram_size(self) -> int:
         return sum(r.size for r in self._regions  # boot RAM: not what virtio-mem holds
